@@ -1,0 +1,89 @@
+"""The site's Flower ClientApp: thin handlers over `client.site`.
+
+Each handler unpacks the message, calls plain functions, and packs the reply.
+Only the student (and federated head) arrays and scalar metrics are replied.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import site as site_lib
+from common.config import ExperimentConfig, config_from_yaml_text
+from common.errors import MessageError
+from common.serialization import pack
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=8)
+def _config(text: str) -> ExperimentConfig:
+    return config_from_yaml_text(text)
+
+
+def _unpack(msg: Message) -> tuple[ExperimentConfig, ConfigRecord]:
+    if "config" not in msg.content.config_records:
+        raise MessageError("message has no ConfigRecord 'config'; is the server ours?")
+    conf = msg.content["config"]
+    if "experiment" not in conf:
+        raise MessageError("ConfigRecord 'config' lacks key 'experiment' (config YAML)")
+    cfg = _config(str(conf["experiment"]))
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    return cfg, conf
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    if "arrays" not in msg.content.array_records:
+        raise MessageError("message has no ArrayRecord 'arrays' with the global model")
+    return msg.content["arrays"]
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Handshake: report the site's label space and sizes (no data)."""
+    cfg, _ = _unpack(msg)
+    site = site_lib.get_site(cfg, dict(context.node_config))
+    info = site_lib.site_info(cfg, site, site.classes)
+    content = RecordDict({"site": ConfigRecord({"name": site.name, **info})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Distil into the global student on this site's data and reply its update."""
+    cfg, conf = _unpack(msg)
+    site = site_lib.get_site(cfg, dict(context.node_config))
+    arrays, metrics = site_lib.train_round(
+        cfg, site, _arrays(msg), context.state,
+        server_round=int(conf.get("server-round", 0)),
+        num_classes=int(conf["num-classes"]),
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),
+    )
+    content = RecordDict({
+        "arrays": pack(arrays, cfg.federation.transfer_dtype),
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"name": site.name}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global student (and teacher probe) on the site's test part."""
+    cfg, conf = _unpack(msg)
+    site = site_lib.get_site(cfg, dict(context.node_config))
+    metrics = site_lib.evaluate_round(cfg, site, _arrays(msg), context.state,
+                                      num_classes=int(conf["num-classes"]))
+    content = RecordDict({
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"name": site.name}),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,313 @@
+"""Everything a hospital does with its own data, kept off the wire.
+
+`get_site` assembles the site's tensors (student views, labels, labelled mask,
+cached teacher features) once per process; `train_round`, `evaluate_round` and
+`site_info` are the plain functions the ClientApp handlers call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+from common.config import ExperimentConfig
+from common.data.sites import SiteData, build_sites, load_site
+from common.data.sources import load_dataset
+from common.data.views import apply_view, decode_size, to_student_tensor
+from common.distill.cache import FeatureCache, teacher_cache_key
+from common.errors import DataError
+from common.models.head import fit_head, head_logits, train_head
+from common.models.student import create_student
+from common.models.teacher import FrozenTeacher, load_teacher
+from common.serialization import (
+    HEAD_PREFIX,
+    PROJ_PREFIX,
+    STUDENT_PREFIX,
+    load_into,
+    module_arrays,
+)
+from common.train import LocalData, evaluate, evaluate_logits, train_local
+
+log = logging.getLogger(__name__)
+
+LOCAL_HEAD_KEY = "fedkd.local-head"
+LOCAL_MODEL_KEY = "fedkd.local-student"
+
+
+def uses_teacher(cfg: ExperimentConfig) -> bool:
+    """Whether this experiment needs teacher outputs at the sites."""
+    return cfg.distill.alpha < 1.0 or cfg.distill.feature_weight > 0
+
+
+def base_image_size(cfg: ExperimentConfig) -> int:
+    """Side at which images are decoded: large enough for teacher and student."""
+    return decode_size(cfg.data.image_size, cfg.teacher.image_size)
+
+
+@dataclass
+class Site:
+    """One hospital's prepared data. Never serialised, never sent."""
+
+    name: str
+    classes: tuple[str, ...]
+    channels: int
+    train: LocalData
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    feats_train: torch.Tensor | None  # (V, N, D) teacher features of train views
+    feats_test: torch.Tensor | None  # (N, D) teacher features of the test images
+    teacher_info: dict
+    class_counts: list[int]
+
+
+# Per-process memo of derived, read-only data (decoded images, teacher). It is a
+# cache, not federated state: rebuilding it gives identical values.
+@functools.lru_cache(maxsize=4)
+def _dataset(source: str, size: int, cache_dir: str, seed: int, val: float,
+             test: float):
+    return load_dataset(source, size, cache_dir, seed=seed, val_fraction=val,
+                        test_fraction=test)
+
+
+@functools.lru_cache(maxsize=2)
+def _teacher(arch: str, weights: str, image_size: int) -> FrozenTeacher:
+    from common.config import TeacherConfig
+
+    return load_teacher(TeacherConfig(arch=arch, weights=weights, image_size=image_size))
+
+
+def teacher_for(cfg: ExperimentConfig) -> FrozenTeacher:
+    """The frozen teacher named by the config (memoised per process)."""
+    t = cfg.teacher
+    return _teacher(t.arch, t.weights, t.image_size)
+
+
+def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
+    """The raw images of the site named by the node config."""
+    size = base_image_size(cfg)
+    cache_dir = str(node_config.get("cache-dir", cfg.data.cache_dir))
+    if "data-source" in node_config:  # deployment: the site's data is the site's
+        return load_site(str(node_config["data-source"]), size, cache_dir,
+                         cfg.train.seed, str(node_config.get("site", "site")))
+    if "partition-id" not in node_config:
+        raise DataError(
+            "node config names no data: give data-source=<br35h|npz:..|folder:..> "
+            "(deployment) or partition-id (simulation)"
+        )
+    pid = int(node_config["partition-id"])
+    n_part = int(node_config.get("num-partitions", cfg.partition.sites))
+    if n_part != cfg.partition.sites:
+        raise DataError(
+            f"engine runs {n_part} nodes but partition.sites={cfg.partition.sites}; "
+            "they must match"
+        )
+    ds = _dataset(cfg.data.source, size, cfg.data.cache_dir, cfg.train.seed,
+                  cfg.data.val_fraction, cfg.data.test_fraction)
+    return build_sites(ds, cfg.partition, cfg.train.seed)[pid]
+
+
+def teacher_features(cfg: ExperimentConfig, images: np.ndarray, views: int,
+                     cache_root: str | Path) -> tuple[np.ndarray, dict]:
+    """Cached teacher features (V, N, D) for `views` fixed views of `images`."""
+    teacher = teacher_for(cfg)
+    out, hits, misses = [], 0, 0
+    for v in range(views):
+        cache = FeatureCache(Path(cache_root).expanduser(), teacher_cache_key(teacher, v))
+        feats, stats = cache.get_or_compute(
+            apply_view(images, v),
+            lambda imgs: teacher.features(imgs, batch_size=cfg.teacher.batch_size),
+        )
+        out.append(feats)
+        hits, misses = hits + stats.hits, misses + stats.misses
+    info = dict(teacher.describe(), cache_hits=hits, cache_misses=misses)
+    return np.stack(out), info
+
+
+def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
+    """Decode, shift, view and featurise one site's data."""
+    raw = site_data(cfg, node_config)
+    cache_root = node_config.get("cache-dir", cfg.teacher.cache_dir)
+    views = cfg.teacher.views if uses_teacher(cfg) else 1
+    size = cfg.data.image_size
+    x = torch.stack([to_student_tensor(apply_view(raw.train.images, v), size)
+                     for v in range(views)])
+    feats_train = feats_test = None
+    info: dict = {"used": False}
+    if uses_teacher(cfg):
+        ft, info = teacher_features(cfg, raw.train.images, views, cache_root)
+        fs, _ = teacher_features(cfg, raw.test.images, 1, cache_root)
+        feats_train, feats_test = torch.from_numpy(ft), torch.from_numpy(fs[0])
+        info["used"] = True
+    n_cls = int(raw.train.labels.max(initial=0)) + 1
+    counts = np.bincount(raw.train.labels, minlength=n_cls).tolist()
+    return Site(
+        name=raw.name,
+        classes=(),
+        channels=int(raw.train.images.shape[-1]),
+        train=LocalData(x=x, y=torch.from_numpy(raw.train.labels.astype(np.int64)),
+                        labelled=torch.from_numpy(raw.labelled.astype(bool))),
+        test_x=to_student_tensor(raw.test.images, size),
+        test_y=torch.from_numpy(raw.test.labels.astype(np.int64)),
+        feats_train=feats_train,
+        feats_test=feats_test,
+        teacher_info=info,
+        class_counts=counts,
+    )
+
+
+_SITES: dict[tuple[str, str], Site] = {}
+
+
+def get_site(cfg: ExperimentConfig, node_config: dict) -> Site:
+    """The site for (experiment, node), built once per process."""
+    key = (cfg.to_yaml(), repr(sorted(dict(node_config).items())))
+    if key not in _SITES:
+        if len(_SITES) > 256:  # harness runs many experiments in one process
+            _SITES.clear()
+        _SITES[key] = build_site(cfg, node_config)
+    return _SITES[key]
+
+
+def site_info(cfg: ExperimentConfig, site: Site, classes: tuple[str, ...]) -> dict:
+    """Scalar facts about the site for the server's handshake (no data)."""
+    return {
+        "num-train": site.train.n,
+        "num-test": int(site.test_y.shape[0]),
+        "num-labelled": int(site.train.labelled.sum()),
+        "channels": site.channels,
+        "num-classes": len(classes),
+        "class-counts": [int(c) for c in site.class_counts],
+        "teacher-used": bool(site.teacher_info.get("used", False)),
+        "teacher-weights": str(site.teacher_info.get("weights_source", "none")),
+        "teacher-feature-dim": int(site.teacher_info.get("feature_dim", 0)),
+    }
+
+
+def _site_seed(cfg: ExperimentConfig, server_round: int, site: Site) -> int:
+    # Same seed, round and site -> same local run, so resumed runs match exactly.
+    return (cfg.train.seed * 1_000_003 + server_round * 7919 + hash_name(site.name)) % (
+        2**31
+    )
+
+
+def hash_name(name: str) -> int:
+    """A stable (not salted) small hash of a site name."""
+    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % 100_003
+
+
+def _head_for_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
+                    state: RecordDict, num_classes: int, seed: int
+                    ) -> tuple[nn.Linear, nn.Linear | None]:
+    """(head giving this round's soft targets, head to send back or None)."""
+    labelled = site.train.labelled
+    feats = site.feats_train[:, labelled].reshape(-1, site.feats_train.shape[-1])
+    labels = site.train.y[labelled].repeat(site.feats_train.shape[0])
+    if cfg.teacher.head == "local":
+        if LOCAL_HEAD_KEY in state:
+            head = nn.Linear(feats.shape[1], num_classes)
+            load_into(head, state[LOCAL_HEAD_KEY], HEAD_PREFIX)
+        else:
+            head = fit_head(feats.numpy(), labels.numpy(), num_classes,
+                            weight_decay=cfg.teacher.head_weight_decay, seed=seed)
+            from common.serialization import pack
+
+            state[LOCAL_HEAD_KEY] = pack(module_arrays(head, HEAD_PREFIX))
+        return head, None
+    # Federated head: warm-start from the global head when the server has one.
+    has_global = any(k.startswith(HEAD_PREFIX) for k in arrays.keys())
+    if has_global:
+        global_head = nn.Linear(feats.shape[1], num_classes)
+        load_into(global_head, arrays, HEAD_PREFIX)
+        local = nn.Linear(feats.shape[1], num_classes)
+        local.load_state_dict(global_head.state_dict())
+        train_head(local, feats.numpy(), labels.numpy(), epochs=cfg.teacher.head_epochs,
+                   lr=cfg.teacher.head_lr, weight_decay=cfg.teacher.head_weight_decay,
+                   seed=seed)
+        return global_head, local
+    local = fit_head(feats.numpy(), labels.numpy(), num_classes,
+                     weight_decay=cfg.teacher.head_weight_decay, seed=seed)
+    return local, local
+
+
+def make_student(cfg: ExperimentConfig, num_classes: int, channels: int) -> nn.Module:
+    """The student network named by the config."""
+    return create_student(cfg.student.arch, num_classes, channels)
+
+
+def make_proj(student: nn.Module, feature_dim: int) -> nn.Linear:
+    """Projection from the student's pooled features to the teacher's space."""
+    return nn.Linear(student.num_features, feature_dim)
+
+
+def train_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
+                state: RecordDict, server_round: int, num_classes: int,
+                proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
+    """One round of local KD; returns (arrays to send, scalar metrics)."""
+    seed = _site_seed(cfg, server_round, site)
+    student = make_student(cfg, num_classes, site.channels)
+    local_mode = cfg.federation.strategy == "local"
+    source = state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
+    load_into(student, source, STUDENT_PREFIX)
+    proj = None
+    out: dict[str, np.ndarray] = {}
+    metrics: dict[str, float] = {}
+    data = site.train
+    if uses_teacher(cfg):
+        target_head, send_head = _head_for_round(cfg, site, arrays, state, num_classes,
+                                                 seed)
+        with torch.no_grad():
+            logits = head_logits(target_head, site.feats_train.reshape(
+                -1, site.feats_train.shape[-1]))
+        data = LocalData(
+            x=data.x, y=data.y, labelled=data.labelled,
+            teacher_logits=logits.reshape(site.feats_train.shape[0], site.train.n, -1),
+            teacher_feats=site.feats_train,
+        )
+        if send_head is not None:
+            out.update(module_arrays(send_head, HEAD_PREFIX))
+        if cfg.distill.feature_weight > 0:
+            proj = make_proj(student, site.feats_train.shape[-1])
+            load_into(proj, source, PROJ_PREFIX)
+    metrics.update(train_local(student, data, cfg.train, cfg.distill, seed=seed,
+                               proj=proj, proximal_mu=proximal_mu))
+    out.update(module_arrays(student, STUDENT_PREFIX))
+    if proj is not None:
+        out.update(module_arrays(proj, PROJ_PREFIX))
+    if local_mode:
+        from common.serialization import pack
+
+        state[LOCAL_MODEL_KEY] = pack(out)
+    return out, metrics
+
+
+def evaluate_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
+                   state: RecordDict, num_classes: int) -> dict[str, float]:
+    """Metrics of the global (or, for `local`, the site's own) student and teacher."""
+    student = make_student(cfg, num_classes, site.channels)
+    local_mode = cfg.federation.strategy == "local"
+    source = state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
+    load_into(student, source, STUDENT_PREFIX)
+    metrics = evaluate(student, site.test_x, site.test_y)
+    if uses_teacher(cfg) and site.feats_test is not None:
+        head = None
+        if any(k.startswith(HEAD_PREFIX) for k in arrays.keys()):
+            head = nn.Linear(site.feats_test.shape[1], num_classes)
+            load_into(head, arrays, HEAD_PREFIX)
+        elif LOCAL_HEAD_KEY in state:
+            head = nn.Linear(site.feats_test.shape[1], num_classes)
+            load_into(head, state[LOCAL_HEAD_KEY], HEAD_PREFIX)
+        if head is not None:
+            with torch.no_grad():
+                t = evaluate_logits(head_logits(head, site.feats_test), site.test_y)
+            metrics.update({f"teacher_{k}": v for k, v in t.items()
+                            if k != "num-examples"})
+    # An undefined metric (AUC on a one-class test set) is left out, not faked.
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}

@@ -1,0 +1,46 @@
+"""Classification metrics with MedMNIST evaluator semantics (ACC, AUC)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Share of items whose arg-max class equals the label."""
+    if len(labels) == 0:
+        return math.nan
+    return float((probs.argmax(axis=1) == labels).mean())
+
+
+def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC as MedMNIST's evaluator computes it; NaN where it is undefined.
+
+    Binary tasks use the score of class 1; multi-class tasks average the
+    one-vs-rest AUC over classes. A class absent from `labels` makes its
+    one-vs-rest AUC undefined, so it is left out of the mean (MedMNIST would
+    raise); with fewer than two classes present the AUC is NaN.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if len(np.unique(labels)) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    scores = []
+    for c in range(probs.shape[1]):
+        y = (labels == c).astype(int)
+        if 0 < y.sum() < len(y):
+            scores.append(roc_auc_score(y, probs[:, c]))
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def summarize(labels: np.ndarray, probs: np.ndarray, loss: float) -> dict[str, float]:
+    """ACC, AUC, loss and count in one dict (the keys sent over the wire)."""
+    return {
+        "acc": accuracy(labels, probs),
+        "auc": auc(labels, probs),
+        "loss": float(loss),
+        "num-examples": float(len(labels)),
+    }

@@ -1,0 +1,168 @@
+"""The site's local training and evaluation loops, readable top to bottom.
+
+`train_local` runs `epochs` of knowledge distillation (or plain CE when no
+teacher targets are given) on tensors that are already on the device; nothing
+in here knows about Flower, files or the teacher backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import DistillConfig, TrainConfig
+from common.distill.loss import feature_loss, kd_loss
+from common.metrics import summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalData:
+    """A site's training tensors: V fixed views of N images."""
+
+    x: torch.Tensor  # float (V, N, C, H, W), normalised student inputs
+    y: torch.Tensor  # int64 (N,)
+    labelled: torch.Tensor  # bool (N,)
+    teacher_logits: torch.Tensor | None = None  # float (V, N, K)
+    teacher_feats: torch.Tensor | None = None  # float (V, N, D)
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+
+def _forward(student: nn.Module, x: torch.Tensor, want_features: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not want_features:
+        return student(x), None
+    feats = student.forward_features(x)
+    pre = student.forward_head(feats, pre_logits=True)
+    return student.forward_head(feats), pre
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def train_local(
+    student: nn.Module,
+    data: LocalData,
+    train_cfg: TrainConfig,
+    distill_cfg: DistillConfig,
+    *,
+    seed: int,
+    proj: nn.Module | None = None,
+    proximal_mu: float = 0.0,
+    epochs: int | None = None,
+) -> dict[str, float]:
+    """Train `student` in place on one site's data; return scalar metrics."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    use_teacher = data.teacher_logits is not None and distill_cfg.alpha < 1.0
+    use_feats = (
+        proj is not None and data.teacher_feats is not None
+        and distill_cfg.feature_weight > 0
+    )
+    if use_teacher or use_feats:
+        pool = torch.arange(data.n)
+    else:
+        # Without a teacher an unlabelled image carries no signal at all.
+        pool = torch.nonzero(data.labelled).flatten()
+    if len(pool) < 2:
+        raise ValueError(f"site has {len(pool)} usable training images; need >= 2")
+    n_views = data.x.shape[0]
+    params = list(student.parameters()) + (list(proj.parameters()) if use_feats else [])
+    opt = _make_optimizer(params, train_cfg)
+    global_params = (
+        [p.detach().clone() for p in student.parameters()] if proximal_mu > 0 else None
+    )
+    student.train()
+    if proj is not None:
+        proj.train()
+    sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feat": 0.0}
+    steps = seen = 0
+    for _ in range(epochs or train_cfg.local_epochs):
+        order = pool[torch.randperm(len(pool), generator=gen)]
+        for start in range(0, len(order), train_cfg.batch_size):
+            idx = order[start : start + train_cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on a single item
+                continue
+            view = torch.randint(n_views, (len(idx),), generator=gen)
+            xb = data.x[view, idx]
+            if n_views == 1 and train_cfg.augment:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            logits, pre = _forward(student, xb, use_feats)
+            t_logits = data.teacher_logits[view, idx] if use_teacher else None
+            losses = kd_loss(
+                logits, t_logits, data.y[idx],
+                alpha=distill_cfg.alpha if use_teacher else 1.0,
+                temperature=distill_cfg.temperature,
+                labelled=data.labelled[idx],
+                unlabelled_weight=distill_cfg.unlabelled_weight if use_teacher else 0.0,
+            )
+            loss = losses["loss"]
+            if use_feats:
+                f_loss = feature_loss(proj(pre), data.teacher_feats[view, idx],
+                                      kind=distill_cfg.feature_loss)
+                loss = loss + distill_cfg.feature_weight * f_loss
+                sums["feat"] += float(f_loss)
+            if global_params is not None:
+                prox = sum(
+                    (p - g).pow(2).sum()
+                    for p, g in zip(student.parameters(), global_params, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # float() is a sync point; cheap on CPU and keeps the metrics exact.
+            sums["loss"] += float(loss)
+            sums["ce"] += float(losses["ce"])
+            sums["kd"] += float(losses["kd"])
+            steps += 1
+            seen += len(idx)
+    if steps == 0:
+        raise ValueError("no training step ran; batch_size too large for the site?")
+    if not np.isfinite(sums["loss"]):
+        log.warning("non-finite training loss at this site (lr too high?)")
+    secs = time.perf_counter() - t0
+    out = {f"train_{k}": v / steps for k, v in sums.items()}
+    out.update({"num-examples": float(len(pool)), "train_seconds": secs,
+                "train_images_per_s": seen / max(secs, 1e-9)})
+    return out
+
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256
+                  ) -> torch.Tensor:
+    """Class probabilities of `model` on `x`, batched, in eval mode."""
+    model.eval()
+    outs = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    return torch.softmax(torch.cat(outs), dim=1)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 256) -> dict[str, float]:
+    """ACC, AUC, CE loss and count of `model` on (x, y)."""
+    probs = predict_proba(model, x, batch_size)
+    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item() if len(y) else 0.0
+    return summarize(y.numpy(), probs.numpy(), loss)
+
+
+def evaluate_logits(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Metrics for precomputed logits (the teacher probe)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    loss = F.cross_entropy(logits.float(), y).item() if len(y) else 0.0
+    return summarize(y.numpy(), probs.numpy(), loss)

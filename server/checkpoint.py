@@ -1,0 +1,83 @@
+"""Self-describing, atomically written round checkpoints.
+
+A checkpoint holds the global arrays, the round, the resolved config, the site
+handshake and the metrics so far. It is written to a temporary file, fsynced,
+then renamed over the target, so a crash mid-write never corrupts the latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via tmp file + fsync + rename (+ dir fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray],
+                    extra: dict[str, Any]) -> Path:
+    """Write checkpoints/round-XXXX.pt and point checkpoints/latest.pt at it."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "round": server_round,
+        "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+        **extra,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    path = ckpt_dir / f"round-{server_round:04d}.pt"
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(ckpt_dir / "latest.pt", data)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, naming what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; was a round completed?")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({err.__class__.__name__});"
+                              " use an earlier round-XXXX.pt") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a fedkd checkpoint (format "
+                              f"{FORMAT_VERSION})")
+    payload["arrays"] = {k: v.numpy() for k, v in payload["arrays"].items()}
+    return payload

@@ -1,0 +1,58 @@
+"""Server-side evaluation of the global student on a held-out global test set."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import ExperimentConfig
+from common.data.sources import load_dataset
+from common.data.views import decode_size, to_student_tensor
+from common.errors import FedKDError
+from common.models.student import create_student
+from common.serialization import STUDENT_PREFIX, load_into
+from common.train import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class GlobalEvaluator:
+    """Holds the global test tensors; evaluates arrays each round."""
+
+    def __init__(self, cfg: ExperimentConfig, classes: list[str], x: torch.Tensor,
+                 y: torch.Tensor, channels: int) -> None:
+        self.cfg, self.classes, self.x, self.y = cfg, classes, x, y
+        self.channels = channels
+
+    @classmethod
+    def maybe(cls, cfg: ExperimentConfig, classes: list[str]) -> GlobalEvaluator | None:
+        """An evaluator on the dataset's test split, or None when it cannot load.
+
+        In simulation the server can read the public dataset; in a deployment the
+        centre usually holds no images, so a load failure only disables it.
+        """
+        if not cfg.run.global_eval:
+            return None
+        try:
+            size = decode_size(cfg.data.image_size, cfg.teacher.image_size)
+            ds = load_dataset(cfg.data.source, size, cfg.data.cache_dir,
+                              seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
+                              test_fraction=cfg.data.test_fraction)
+        except FedKDError as err:
+            log.warning("global evaluation disabled: %s", err)
+            return None
+        if list(ds.classes) != list(classes):
+            log.warning("global evaluation disabled: server data classes %s differ from "
+                        "the sites' %s", list(ds.classes), classes)
+            return None
+        x = to_student_tensor(ds.test.images, cfg.data.image_size)
+        return cls(cfg, classes, x, torch.from_numpy(ds.test.labels.astype("int64")),
+                   ds.channels)
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        """ACC/AUC/loss of the global student on the global test set."""
+        model = create_student(self.cfg.student.arch, len(self.classes), self.channels)
+        load_into(model, arrays, STUDENT_PREFIX)
+        return evaluate(model, self.x, self.y)

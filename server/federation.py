@@ -1,0 +1,223 @@
+"""The server's federation loop: handshake, rounds, checkpoints, final model.
+
+Flower's strategies supply the sampling and aggregation rules; this loop adds
+what `Strategy.start` lacks for hospitals: resuming from a checkpoint, a
+minimum number of sites per round with retries, a history row and an atomic
+checkpoint per round, and a final model with its card.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common.config import ExperimentConfig
+from common.errors import FedKDError
+from common.models.student import create_student, count_params
+from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays
+from server import checkpoint, history, model_card
+from server.evaluation import GlobalEvaluator
+from server.plots import plot_history
+from server.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(FedKDError):
+    """The federation cannot go on (too few sites, sites that disagree)."""
+
+
+def _config_record(cfg: ExperimentConfig, num_classes: int | None = None) -> ConfigRecord:
+    rec = ConfigRecord({"experiment": cfg.to_yaml()})
+    if num_classes is not None:
+        rec["num-classes"] = num_classes
+    return rec
+
+
+def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str, Any]]:
+    """Ask every connected site for its label space and sizes; check they agree."""
+    deadline = time.monotonic() + cfg.federation.round_timeout
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {expected} sites connected within "
+                f"{cfg.federation.round_timeout:g}s; check the SuperNodes"
+            )
+        time.sleep(0.5)
+    content = RecordDict({"config": _config_record(cfg)})
+    msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+    infos, errors = [], []
+    for msg in replies:
+        if msg.has_error():
+            errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            continue
+        rec = msg.content["site"]
+        infos.append({k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()})
+    for e in errors:
+        log.error("site handshake failed: %s", e)
+    if len(infos) < cfg.federation.min_sites:
+        detail = errors[0] if errors else "no reply"
+        raise FederationError(
+            f"{len(infos)} sites answered the handshake, federation.min_sites="
+            f"{cfg.federation.min_sites}; first failure: {detail}"
+        )
+    classes = {tuple(i["classes"]) for i in infos}
+    channels = {int(i["channels"]) for i in infos}
+    if len(classes) > 1 or len(channels) > 1:
+        raise FederationError(
+            f"sites disagree on the label space {sorted(classes)} or channels "
+            f"{sorted(channels)}; every site must export the same classes"
+        )
+    infos.sort(key=lambda i: str(i["name"]))
+    return infos
+
+
+def initial_arrays(cfg: ExperimentConfig, num_classes: int, channels: int,
+                   feature_dim: int) -> dict[str, np.ndarray]:
+    """The seeded initial student (and feature projection) every site starts from."""
+    torch.manual_seed(cfg.train.seed)
+    student = create_student(cfg.student.arch, num_classes, channels)
+    arrays = module_arrays(student, STUDENT_PREFIX)
+    if cfg.distill.feature_weight > 0 and feature_dim > 0:
+        proj = torch.nn.Linear(student.num_features, feature_dim)
+        arrays.update(module_arrays(proj, PROJ_PREFIX))
+    return arrays
+
+
+def _record_to_dict(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: rec[k].numpy() for k in rec.keys()}
+
+
+def _train_round(strategy, grid: Grid, cfg: ExperimentConfig, rnd: int,
+                 arrays: ArrayRecord, train_conf: ConfigRecord):
+    """Run one training round, retrying while fewer than min_sites replied."""
+    fed = cfg.federation
+    for attempt in range(fed.max_round_retries + 1):
+        # Seed node sampling per (seed, round) so a resumed run samples alike.
+        random.seed(cfg.train.seed * 100_003 + rnd * 101 + attempt)
+        msgs = strategy.configure_train(rnd, arrays, train_conf, grid)
+        replies = grid.send_and_receive(msgs, timeout=fed.round_timeout)
+        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+        report = strategy.report
+        ok = report.received - len(report.failed) - len(report.rejected)
+        if new_arrays is not None and ok >= fed.min_sites:
+            return new_arrays, metrics, report, attempt
+        log.warning("round %d attempt %d: %d usable replies < min_sites=%d "
+                    "(failed: %s; rejected: %s)", rnd, attempt + 1, ok, fed.min_sites,
+                    report.failed, report.rejected)
+    raise FederationError(
+        f"round {rnd}: fewer than federation.min_sites={fed.min_sites} sites returned "
+        f"a usable update after {fed.max_round_retries + 1} attempts; failures: "
+        f"{(report.failed + report.rejected)[:3]}"
+    )
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *,
+                   resume: bool = False, expected_sites: int | None = None
+                   ) -> dict[str, Any]:
+    """Run (or resume) the whole federation; return the final metrics."""
+    run_dir = Path(run_dir)
+    hist_path = run_dir / "history.jsonl"
+    expected = expected_sites or cfg.federation.min_sites
+    infos = handshake(grid, cfg, expected)
+    classes = [str(c) for c in infos[0]["classes"]]
+    channels = int(infos[0]["channels"])
+    feature_dim = int(max(i.get("teacher-feature-dim", 0) for i in infos))
+    teacher = {
+        "arch": cfg.teacher.arch if infos[0].get("teacher-used") else None,
+        "weights_source": model_card.teacher_source(cfg, infos),
+        "weights_spec": cfg.teacher.weights,
+        "image_size": cfg.teacher.image_size,
+        "head": cfg.teacher.head,
+    }
+    if teacher["weights_source"] == "random":
+        log.warning(model_card.RANDOM_BANNER)
+    strategy = build_strategy(cfg, len(infos))
+    start = 1
+    if resume:
+        ckpt = checkpoint.load_checkpoint(run_dir)
+        arrays = ArrayRecord(ckpt["arrays"])
+        start = int(ckpt["round"]) + 1
+        history.truncate_to_round(hist_path, int(ckpt["round"]))
+        log.info("resuming %s after round %d", run_dir, ckpt["round"])
+    else:
+        arrays = ArrayRecord(initial_arrays(cfg, len(classes), channels, feature_dim))
+        checkpoint.save_checkpoint(run_dir, 0, _record_to_dict(arrays),
+                                   {"config_yaml": cfg.to_yaml(), "sites": infos})
+    evaluator = GlobalEvaluator.maybe(cfg, classes)
+    train_conf = _config_record(cfg, len(classes))
+    eval_conf = _config_record(cfg, len(classes))
+    last: dict[str, Any] = {}
+    for rnd in range(start, cfg.federation.rounds + 1):
+        t0 = time.perf_counter()
+        arrays, train_metrics, report, retries = _train_round(
+            strategy, grid, cfg, rnd, arrays, train_conf)
+        t_train = time.perf_counter() - t0
+        eval_metrics = None
+        if cfg.federation.fraction_evaluate > 0:
+            msgs = strategy.configure_evaluate(rnd, arrays, eval_conf, grid)
+            replies = grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout)
+            eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+        global_metrics = evaluator.evaluate(arrays) if evaluator else {}
+        row = {
+            "round": rnd,
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": t_train,
+            "retries": retries,
+            "train": dict(train_metrics or {}),
+            "eval": dict(eval_metrics or {}),
+            "global": global_metrics,
+            "sites": report.sites,
+            "failed": report.failed,
+            "rejected": report.rejected,
+            "bytes_down": report.bytes_down,
+            "bytes_up": report.bytes_up,
+            "teacher_weights": teacher["weights_source"],
+        }
+        history.append_row(hist_path, row)
+        checkpoint.save_checkpoint(run_dir, rnd, _record_to_dict(arrays),
+                                   {"config_yaml": cfg.to_yaml(), "sites": infos,
+                                    "last_row": row})
+        last = row
+        log.info("round %d/%d  site-acc %.4f  worst %.4f  global-acc %s  (%.1fs)%s",
+                 rnd, cfg.federation.rounds, row["eval"].get("acc", float("nan")),
+                 row["eval"].get("worst_site_acc", float("nan")),
+                 f"{global_metrics['acc']:.4f}" if "acc" in global_metrics else "n/a",
+                 row["seconds"],
+                 f"  failed={len(report.failed)} rejected={len(report.rejected)}"
+                 if report.failed or report.rejected else "")
+    return finish(run_dir, cfg, arrays, infos, classes, channels, teacher, last)
+
+
+def finish(run_dir: Path, cfg: ExperimentConfig, arrays: ArrayRecord, infos: list,
+           classes: list[str], channels: int, teacher: dict, last: dict) -> dict:
+    """Save the final student, its model card and the accuracy plot."""
+    final_dir = run_dir / "final"
+    final_dir.mkdir(parents=True, exist_ok=True)
+    arr = _record_to_dict(arrays)
+    model_card.save_student(final_dir / "model.pt", arr, cfg, classes, channels, teacher)
+    params = count_params(create_student(cfg.student.arch, len(classes), channels))
+    metrics = {
+        **{f"site_mean_{k}": v for k, v in last.get("eval", {}).items()},
+        **{f"global_{k}": v for k, v in last.get("global", {}).items()},
+        "per_site": last.get("sites", {}),
+    }
+    card = model_card.build_card(cfg, classes=classes, site_infos=infos,
+                                 rounds_done=int(last.get("round", 0)),
+                                 final_metrics=metrics, teacher=teacher, params=params)
+    model_card.write_card(final_dir, card)
+    plot_history(history.read_rows(run_dir / "history.jsonl"), run_dir / "accuracy.png",
+                 title=f"{cfg.run.name}: {cfg.federation.strategy}, teacher "
+                       f"{teacher['weights_source']}")
+    return metrics
+

@@ -1,0 +1,160 @@
+"""The final student, saved with its preprocessing, and its model card (md + json)."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import ExperimentConfig
+from common.data.views import STUDENT_MEAN, STUDENT_STD
+from common.serialization import STUDENT_PREFIX
+from server.checkpoint import atomic_write_bytes
+
+MODEL_FORMAT = "fedkd-student-1"
+RANDOM_BANNER = (
+    "WARNING: the teacher was RANDOM-INIT (teacher.weights=random). Its soft targets "
+    "carry no knowledge; this run checks the pipeline only."
+)
+PROXY_BANNER = (
+    "NOTE: the teacher is a PROXY (trained on a public pool no site received), "
+    "not DINOv2."
+)
+
+
+def teacher_source(cfg: ExperimentConfig, site_infos: list[dict[str, Any]]) -> str:
+    """hub | file | proxy | random | none, as the sites reported loading it."""
+    reported = {str(s.get("teacher-weights", "none")) for s in site_infos}
+    reported.discard("none")
+    if len(reported) > 1:
+        return "mixed:" + ",".join(sorted(reported))
+    if reported:
+        return reported.pop()
+    if cfg.distill.alpha >= 1.0 and cfg.distill.feature_weight == 0:
+        return "none"
+    return cfg.teacher.weights.split(":", 1)[0]
+
+
+def save_student(path: Path, arrays: dict[str, np.ndarray], cfg: ExperimentConfig,
+                 classes: list[str], channels: int, teacher: dict[str, Any]) -> None:
+    """Write the student's weights with everything inference needs."""
+    state = {k[len(STUDENT_PREFIX):]: torch.from_numpy(np.array(v))
+             for k, v in arrays.items() if k.startswith(STUDENT_PREFIX)}
+    payload = {
+        "format": MODEL_FORMAT,
+        "arch": cfg.student.arch,
+        "num_classes": len(classes),
+        "in_chans": channels,
+        "classes": list(classes),
+        "preprocess": {
+            "image_size": cfg.data.image_size,
+            "channels": channels,
+            "mean": STUDENT_MEAN,
+            "std": STUDENT_STD,
+            "resize": "bilinear-antialias",
+            "grayscale": channels == 1,
+        },
+        "state_dict": state,
+        "teacher": teacher,
+        "config_yaml": cfg.to_yaml(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def build_card(cfg: ExperimentConfig, *, classes: list[str], site_infos: list[dict],
+               rounds_done: int, final_metrics: dict[str, Any], teacher: dict[str, Any],
+               params: int) -> dict[str, Any]:
+    """The model card as plain data."""
+    return {
+        "model": {"arch": cfg.student.arch, "parameters": params,
+                  "input": f"{cfg.data.image_size}px, channels from data",
+                  "classes": classes},
+        "method": {
+            "strategy": cfg.federation.strategy,
+            "distillation": {"alpha": cfg.distill.alpha,
+                             "temperature": cfg.distill.temperature,
+                             "feature_weight": cfg.distill.feature_weight,
+                             "unlabelled_weight": cfg.distill.unlabelled_weight},
+            "rounds": rounds_done,
+            "local_epochs": cfg.train.local_epochs,
+            "transfer_dtype": cfg.federation.transfer_dtype,
+            "dp": {"enabled": cfg.privacy.dp, "clipping_norm": cfg.privacy.clipping_norm,
+                   "noise_multiplier": cfg.privacy.noise_multiplier},
+        },
+        "teacher": teacher,
+        "data": {"source": cfg.data.source, "partition": cfg.partition.scheme,
+                 "alpha": cfg.partition.alpha, "shift": cfg.partition.shift,
+                 "labelled_fraction": cfg.partition.labelled_fraction,
+                 "sites": site_infos},
+        "metrics": final_metrics,
+        "intended_use": (
+            "Research on federated knowledge distillation for medical image "
+            "classification. NOT a medical device: not validated for diagnosis, "
+            "triage or any clinical decision."
+        ),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    """Human-readable model card."""
+    t = card["teacher"]
+    lines = [f"# Model card: {card['model']['arch']} ({card['method']['strategy']})", ""]
+    if t.get("weights_source") == "random":
+        lines += [f"> **{RANDOM_BANNER}**", ""]
+    elif t.get("weights_source") == "proxy":
+        lines += [f"> **{PROXY_BANNER}**", ""]
+    lines += [
+        "> **Not a medical device.** " + card["intended_use"], "",
+        "## Teacher",
+        f"- arch: `{t.get('arch')}`",
+        f"- weights source: **{t.get('weights_source')}** (`{t.get('weights_spec')}`)",
+        f"- head: {t.get('head')}", "",
+        "## Method",
+        f"- strategy: {card['method']['strategy']}, rounds: {card['method']['rounds']}, "
+        f"local epochs: {card['method']['local_epochs']}",
+        f"- distillation: {card['method']['distillation']}",
+        f"- transfer dtype: {card['method']['transfer_dtype']}; DP: {card['method']['dp']}",
+        "",
+        "## Data",
+        f"- source: `{card['data']['source']}`; partition {card['data']['partition']} "
+        f"(alpha {card['data']['alpha']}), shift {card['data']['shift']}, "
+        f"labelled fraction {card['data']['labelled_fraction']}",
+        f"- classes: {', '.join(card['model']['classes'])}",
+        "",
+        "| site | train | labelled | test |",
+        "|---|---|---|---|",
+    ]
+    for s in card["data"]["sites"]:
+        lines.append(f"| {s.get('name')} | {s.get('num-train')} | {s.get('num-labelled')} "
+                     f"| {s.get('num-test')} |")
+    lines += ["", "## Test metrics", "", "| metric | value |", "|---|---|"]
+    for k, v in sorted(card["metrics"].items()):
+        if not isinstance(v, dict):
+            lines.append(f"| {k} | {_fmt(v)} |")
+    per_site = card["metrics"].get("per_site", {})
+    if per_site:
+        lines += ["", "| site | acc | auc |", "|---|---|---|"]
+        for name, m in sorted(per_site.items()):
+            lines.append(f"| {name} | {_fmt(m.get('eval/acc', ''))} | "
+                         f"{_fmt(m.get('eval/auc', 'n/a'))} |")
+    lines += ["", f"Created {card['created']}.", ""]
+    return "\n".join(lines)
+
+
+def write_card(final_dir: Path, card: dict[str, Any]) -> None:
+    """Write model_card.json and model_card.md next to the final model."""
+    atomic_write_bytes(final_dir / "model_card.json",
+                       json.dumps(card, indent=2, default=str).encode())
+    atomic_write_bytes(final_dir / "model_card.md", render_markdown(card).encode())

@@ -1,0 +1,208 @@
+"""Flower strategies, wrapped so that every reply is checked before aggregation.
+
+The aggregation rules themselves are Flower's (FedAvg, FedProx, FedMedian,
+FedTrimmedAvg, Krum). `SafeAggregation` adds what a hospital federation needs
+on top: the wire dtype, rejection of failed, malformed, non-finite and
+outlier updates (recorded, never silent), and evaluation metrics averaged over
+the sites that could compute them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+
+from common.config import ExperimentConfig
+from common.serialization import ALLOWED_PREFIXES, pack, to_float32
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundReport:
+    """What happened to the replies of one round (written into the history)."""
+
+    sampled: int = 0
+    received: int = 0
+    failed: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def _site_name(msg: Message) -> str:
+    if not msg.has_error() and "site" in msg.content.config_records:
+        return str(msg.content["site"].get("name", msg.metadata.src_node_id))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _finite(record: ArrayRecord) -> bool:
+    return all(np.isfinite(record[k].numpy()).all() for k in record.keys()
+               if np.issubdtype(record[k].numpy().dtype, np.floating))
+
+
+def _update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
+    total = 0.0
+    for k in record.keys():
+        a = record[k].numpy()
+        if np.issubdtype(a.dtype, np.floating) and k in reference:
+            d = a.astype(np.float64) - reference[k].numpy().astype(np.float64)
+            total += float((d * d).sum())
+    return math.sqrt(total)
+
+
+class SafeAggregation:
+    """Mixin over a Flower strategy: validate, record and dtype-convert replies."""
+
+    def setup_safety(self, cfg: ExperimentConfig) -> None:
+        """Store the knobs this mixin needs (called once after construction)."""
+        self.cfg = cfg
+        self.report = RoundReport()
+        self._reference: ArrayRecord | None = None
+
+    # -- train ---------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord,
+                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the global model in the wire dtype and remember it for checks."""
+        self.report = RoundReport()
+        self._reference = arrays
+        wire = pack({k: arrays[k].numpy() for k in arrays.keys()},
+                    self.cfg.federation.transfer_dtype)
+        messages = list(super().configure_train(server_round, wire, config, grid))
+        self.report.sampled = len(messages)
+        self.report.bytes_down = sum(len(wire[k].data) for k in wire.keys()) * len(
+            messages)
+        return messages
+
+    def screen_train_replies(self, replies: Iterable[Message]) -> list[Message]:
+        """Drop failed, malformed, non-finite or outlying replies; record why."""
+        replies = list(replies)
+        self.report.received = len(replies)
+        good: list[Message] = []
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                self.report.failed.append(f"{name}: {msg.error.reason}")
+                log.warning("site %s failed this round: %s", name, msg.error.reason)
+                continue
+            content = msg.content
+            if "arrays" not in content.array_records or len(content.metric_records) != 1:
+                self.report.rejected.append(f"{name}: malformed reply")
+                log.warning("rejected reply of %s: no arrays/metrics", name)
+                continue
+            bad = [k for k in content["arrays"].keys()
+                   if not k.startswith(ALLOWED_PREFIXES)]
+            if bad:
+                self.report.rejected.append(f"{name}: forbidden arrays {bad[:3]}")
+                log.warning("rejected reply of %s: forbidden arrays %s", name, bad[:3])
+                continue
+            if not _finite(content["arrays"]):
+                self.report.rejected.append(f"{name}: non-finite weights")
+                log.warning("rejected reply of %s: NaN/Inf weights", name)
+                continue
+            self.report.bytes_up += sum(len(content["arrays"][k].data)
+                                        for k in content["arrays"].keys())
+            content["arrays"] = to_float32(content["arrays"])
+            good.append(msg)
+        return self._drop_outliers(good)
+
+    def _drop_outliers(self, replies: list[Message]) -> list[Message]:
+        factor = self.cfg.federation.norm_outlier_factor
+        if factor <= 0 or len(replies) < 3 or self._reference is None:
+            return replies
+        ref = to_float32(self._reference)
+        norms = [_update_norm(m.content["arrays"], ref) for m in replies]
+        median = float(np.median(norms))
+        keep = []
+        for msg, norm in zip(replies, norms, strict=True):
+            if median > 0 and norm > factor * median:
+                name = _site_name(msg)
+                self.report.rejected.append(
+                    f"{name}: update norm {norm:.3g} > {factor:g} x median {median:.3g}"
+                )
+                log.warning("rejected outlier update of %s (norm %.3g, median %.3g)",
+                            name, norm, median)
+            else:
+                keep.append(msg)
+        return keep
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the screened replies with the wrapped Flower rule."""
+        good = self.screen_train_replies(replies)
+        for msg in good:
+            self.report.sites.setdefault(_site_name(msg), {}).update(
+                {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()})
+        if not good:
+            return None, None
+        return super().aggregate_train(server_round, good)
+
+    # -- evaluate ------------------------------------------------------------
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Example-weighted means over the sites that reported each metric."""
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                self.report.failed.append(f"{name} (evaluate): {msg.error.reason}")
+                continue
+            metrics = next(iter(msg.content.metric_records.values()))
+            n = float(metrics.get("num-examples", 1.0))
+            self.report.sites.setdefault(name, {}).update(
+                {f"eval/{k}": float(v) for k, v in metrics.items()})
+            for k, v in metrics.items():
+                if k == "num-examples" or not math.isfinite(float(v)):
+                    continue
+                sums[k] = sums.get(k, 0.0) + n * float(v)
+                weights[k] = weights.get(k, 0.0) + n
+        if not sums:
+            return None
+        out = {k: sums[k] / weights[k] for k in sums}
+        accs = [s["eval/acc"] for s in self.report.sites.values() if "eval/acc" in s]
+        if accs:
+            out["worst_site_acc"] = float(min(accs))
+        return MetricRecord(out)
+
+
+_BASES = {
+    "fedavg": FedAvg,
+    "local": FedAvg,  # sites keep their own models; aggregation is not used
+    "pooled": FedAvg,  # one site holding all the data
+    "fedprox": FedProx,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+def build_strategy(cfg: ExperimentConfig, num_sites: int):
+    """The configured Flower strategy with reply screening mixed in."""
+    fed = cfg.federation
+    base = _BASES[fed.strategy]
+    kwargs = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=min(fed.min_sites, num_sites),
+        min_evaluate_nodes=min(fed.min_sites, num_sites) if fed.fraction_evaluate else 0,
+        min_available_nodes=min(fed.min_sites, num_sites),
+    )
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    elif fed.strategy == "fedtrimmedavg":
+        kwargs["beta"] = fed.trim_beta
+    elif fed.strategy == "krum":
+        kwargs["num_malicious_nodes"] = fed.krum_byzantine
+    cls = type(f"Safe{base.__name__}", (SafeAggregation, base), {})
+    strategy = cls(**kwargs)
+    strategy.setup_safety(cfg)
+    return strategy
