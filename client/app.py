@@ -51,7 +51,7 @@ def query(msg: Message, context: Context) -> Message:
     """Handshake: report the site's label space and sizes (no data)."""
     cfg, _ = _unpack(msg)
     site = site_lib.get_site(cfg, dict(context.node_config))
-    info = site_lib.site_info(cfg, site, site.classes)
+    info = site_lib.site_info(cfg, site)
     content = RecordDict({"site": ConfigRecord({"name": site.name, **info})})
     return Message(content=content, reply_to=msg)
 

@@ -146,11 +146,11 @@ def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
         fs, _ = teacher_features(cfg, raw.test.images, 1, cache_root)
         feats_train, feats_test = torch.from_numpy(ft), torch.from_numpy(fs[0])
         info["used"] = True
-    n_cls = int(raw.train.labels.max(initial=0)) + 1
+    n_cls = max(len(raw.classes), int(raw.train.labels.max(initial=0)) + 1)
     counts = np.bincount(raw.train.labels, minlength=n_cls).tolist()
     return Site(
         name=raw.name,
-        classes=(),
+        classes=tuple(raw.classes),
         channels=int(raw.train.images.shape[-1]),
         train=LocalData(x=x, y=torch.from_numpy(raw.train.labels.astype(np.int64)),
                         labelled=torch.from_numpy(raw.labelled.astype(bool))),
@@ -176,9 +176,11 @@ def get_site(cfg: ExperimentConfig, node_config: dict) -> Site:
     return _SITES[key]
 
 
-def site_info(cfg: ExperimentConfig, site: Site, classes: tuple[str, ...]) -> dict:
+def site_info(cfg: ExperimentConfig, site: Site) -> dict:
     """Scalar facts about the site for the server's handshake (no data)."""
+    classes = site.classes
     return {
+        "classes": list(classes),
         "num-train": site.train.n,
         "num-test": int(site.test_y.shape[0]),
         "num-labelled": int(site.train.labelled.sum()),

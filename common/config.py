@@ -347,9 +347,6 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.distill.alpha == 1.0 and cfg.distill.feature_weight > 0:
         log.warning("distill.alpha=1 with feature_weight>0: only the feature term "
                     "uses the teacher")
-    if cfg.teacher.weights == "random":
-        log.warning("teacher.weights=random: the teacher is RANDOM-INIT; soft targets "
-                    "are meaningless (pipeline run only)")
 
 
 def _parse_scalar(text: str) -> Any:

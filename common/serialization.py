@@ -44,7 +44,7 @@ def pack(arrays: dict[str, np.ndarray], transfer_dtype: str = "float32") -> Arra
             )
         if np.issubdtype(value.dtype, np.floating) and value.dtype != wire:
             value = value.astype(wire)
-        record[key] = Array(np.ascontiguousarray(value))
+        record[key] = Array(np.require(value, requirements="C"))
     return record
 
 
@@ -90,7 +90,7 @@ def to_float32(record: ArrayRecord) -> ArrayRecord:
         arr = record[key].numpy()
         if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
             arr = arr.astype(np.float32)
-        out[key] = Array(np.ascontiguousarray(arr))
+        out[key] = Array(np.require(arr, requirements="C"))
     return out
 
 

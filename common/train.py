@@ -117,7 +117,7 @@ def train_local(
                 f_loss = feature_loss(proj(pre), data.teacher_feats[view, idx],
                                       kind=distill_cfg.feature_loss)
                 loss = loss + distill_cfg.feature_weight * f_loss
-                sums["feat"] += float(f_loss)
+                sums["feat"] += f_loss.item()
             if global_params is not None:
                 prox = sum(
                     (p - g).pow(2).sum()
@@ -128,9 +128,9 @@ def train_local(
             loss.backward()
             opt.step()
             # float() is a sync point; cheap on CPU and keeps the metrics exact.
-            sums["loss"] += float(loss)
-            sums["ce"] += float(losses["ce"])
-            sums["kd"] += float(losses["kd"])
+            sums["loss"] += loss.item()
+            sums["ce"] += losses["ce"].item()
+            sums["kd"] += losses["kd"].item()
             steps += 1
             seen += len(idx)
     if steps == 0:

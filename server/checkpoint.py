@@ -51,7 +51,7 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: dict[str, np.ndarr
     payload = {
         "format": FORMAT_VERSION,
         "round": server_round,
-        "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+        "arrays": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()},
         **extra,
     }
     buf = io.BytesIO()

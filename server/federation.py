@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from common.config import ExperimentConfig
 from common.errors import FedKDError
 from common.models.student import create_student, count_params
-from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays
+from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays, pack
 from server import checkpoint, history, model_card
 from server.evaluation import GlobalEvaluator
 from server.plots import plot_history
@@ -146,12 +146,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *,
     start = 1
     if resume:
         ckpt = checkpoint.load_checkpoint(run_dir)
-        arrays = ArrayRecord(ckpt["arrays"])
+        arrays = pack(ckpt["arrays"])
         start = int(ckpt["round"]) + 1
         history.truncate_to_round(hist_path, int(ckpt["round"]))
         log.info("resuming %s after round %d", run_dir, ckpt["round"])
     else:
-        arrays = ArrayRecord(initial_arrays(cfg, len(classes), channels, feature_dim))
+        arrays = pack(initial_arrays(cfg, len(classes), channels, feature_dim))
         checkpoint.save_checkpoint(run_dir, 0, _record_to_dict(arrays),
                                    {"config_yaml": cfg.to_yaml(), "sites": infos})
     evaluator = GlobalEvaluator.maybe(cfg, classes)

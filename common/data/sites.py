@@ -1,0 +1,182 @@
+"""Site assembly: partition -> per-site train/test, scanner shift, labelled mask."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.config import PartitionConfig
+from common.data.partition import partition_indices
+from common.data.shift import ScannerProfile, apply_profile, scanner_profiles
+from common.data.sources import load_dataset
+from common.data.splits import stratified_split
+from common.data.types import Dataset, ImageSet
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class SiteData:
+    """One site's local data: train/test sets, labelled mask and scanner profile."""
+
+    site_id: int
+    name: str
+    train: ImageSet
+    test: ImageSet
+    labelled: np.ndarray  # bool (len(train),): which train labels are kept
+    profile: ScannerProfile | None
+    classes: tuple[str, ...] = ()  # label names, index = label
+
+    def __post_init__(self) -> None:
+        """Check the mask matches the training set."""
+        if self.labelled.dtype != np.bool_ or self.labelled.shape != (len(self.train),):
+            raise DataError(
+                f"{self.name}: labelled mask is {self.labelled.dtype} "
+                f"{self.labelled.shape}, expected bool ({len(self.train)},)"
+            )
+
+
+def labelled_mask(
+    labels: np.ndarray, fraction: float, seed: int, site: int
+) -> np.ndarray:
+    """Which labels a site keeps: round(fraction * n) items (>= 1), class-stratified.
+
+    A pure function of (labels, fraction, seed, site), so every method (supervised,
+    distillation, ...) sees the same labelled items. When the count allows, each
+    present class keeps at least one label; the rest follow the class proportions.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    n = len(labels)
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    k = min(n, max(1, int(round(fraction * n))))
+    if k == n:
+        mask[:] = True
+        return mask
+    rng = np.random.default_rng([seed, site, 0x1ABE1])
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    members = [m[rng.permutation(len(m))] for m in members]
+    if k < len(classes):
+        for ci in rng.permutation(len(classes))[:k]:
+            mask[members[ci][0]] = True
+        return mask
+    # One per class first, then the rest by largest remainder over what is left.
+    spare = np.array([len(m) - 1 for m in members], dtype=np.float64)
+    extra = k - len(classes)
+    quota = extra * spare / spare.sum() if spare.sum() else spare
+    take = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - take), kind="stable")
+    take[order[: extra - int(take.sum())]] += 1
+    for m, t in zip(members, take, strict=True):
+        mask[m[: 1 + t]] = True
+    return mask
+
+
+def _site_split(
+    part: ImageSet, fraction: float, seed: int, site: int, name: str
+) -> tuple[ImageSet, ImageSet]:
+    """Stratified site train/test split; the test part must not be empty."""
+    tr, te = stratified_split(
+        part.labels,
+        (1.0 - fraction, fraction),
+        seed=int(np.random.default_rng([seed, site]).integers(0, 2**31 - 1)),
+    )
+    if len(te) == 0 or len(tr) == 0:
+        raise DataError(
+            f"{name}: {len(part)} images give {len(tr)} train / {len(te)} test with "
+            f"partition.site_test_fraction={fraction}; raise site_test_fraction or "
+            "use fewer sites"
+        )
+    return part.subset(tr), part.subset(te)
+
+
+def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteData]:
+    """Partition dataset.train over cfg.sites simulated sites (deterministic)."""
+    parts = partition_indices(
+        dataset.train.labels,
+        cfg.sites,
+        cfg.scheme,
+        alpha=cfg.alpha,
+        classes_per_site=cfg.classes_per_site,
+        size_skew=cfg.size_skew,
+        min_site_size=cfg.min_site_size,
+        seed=seed,
+    )
+    profiles: list[ScannerProfile | None]
+    if cfg.shift == "scanner":
+        profiles = list(scanner_profiles(cfg.sites, seed))
+    else:
+        profiles = [None] * cfg.sites
+    sites = []
+    for site_id, (idx, profile) in enumerate(zip(parts, profiles, strict=True)):
+        name = f"site-{site_id}"
+        part = dataset.train.subset(idx)
+        if profile is not None:
+            # Applied before the split, so noise streams differ for every image.
+            part = ImageSet(apply_profile(part.images, profile), part.labels)
+        train, test = _site_split(part, cfg.site_test_fraction, seed, site_id, name)
+        mask = labelled_mask(train.labels, cfg.labelled_fraction, seed, site_id)
+        log.info(
+            "%s: %d train (%d labelled) / %d test, classes %s",
+            name,
+            len(train),
+            int(mask.sum()),
+            len(test),
+            np.bincount(train.labels, minlength=dataset.num_classes).tolist(),
+        )
+        sites.append(
+            SiteData(
+                site_id=site_id,
+                name=name,
+                train=train,
+                test=test,
+                labelled=mask,
+                profile=profile,
+                classes=tuple(dataset.classes),
+            )
+        )
+    return sites
+
+
+def load_site(
+    source: str,
+    image_size: int,
+    cache_dir: str | Path,
+    seed: int,
+    site_name: str,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> SiteData:
+    """A deployed site's data: the whole source (train+val to train, test to test)."""
+    ds = load_dataset(
+        source,
+        image_size,
+        cache_dir,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
+    m = re.search(r"(\d+)$", site_name)
+    site_id = int(m.group(1)) if m else 0
+    train = ImageSet.concat([ds.train, ds.val])
+    if len(ds.test) == 0:
+        raise DataError(
+            f"site {site_name}: data source {source!r} has an empty test split; "
+            "provide test images (test_images in npz, or data.test_fraction > 0)"
+        )
+    return SiteData(
+        site_id=site_id,
+        name=site_name,
+        train=train,
+        test=ds.test,
+        labelled=np.ones(len(train), dtype=bool),
+        profile=None,
+        classes=tuple(ds.classes),
+    )

@@ -1,0 +1,91 @@
+"""Typed config: defaults, overrides, and errors that name the key."""
+
+import pytest
+
+from common.config import config_from_dict, load_config, parse_overrides, split_overrides
+from common.errors import ConfigError
+
+
+def test_defaults_match_the_documented_experiment():
+    cfg = load_config("simulations/configs/default.yaml")
+    assert cfg.data.source == "br35h"
+    assert cfg.partition.sites == 4 and cfg.partition.scheme == "dirichlet"
+    assert cfg.teacher.arch == "vit_small_patch14_dinov2.lvd142m"
+    assert cfg.teacher.image_size == 112
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["federation.rounds=3", "distill.alpha=0.25",
+                             "teacher.weights=file:/x/y.pth", "train.augment=false"])
+    assert cfg.federation.rounds == 3
+    assert cfg.distill.alpha == 0.25
+    assert cfg.teacher.weights == "file:/x/y.pth"
+    assert cfg.train.augment is False
+
+
+def test_int_for_float_is_accepted_and_numbers_for_strings_kept_as_text():
+    cfg = load_config(None, ["train.lr=1", "run.name=2024"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.run.name == "2024"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("foo.bar=1", "unknown config section 'foo'"),
+        ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+        ("train.lr=abc", "'train.lr' must be float"),
+        ("federation.rounds=-1", "'federation.rounds'"),
+        ("federation.rounds=1.5", "'federation.rounds' must be int"),
+        ("distill.alpha=1.5", "'distill.alpha'"),
+        ("distill.temperature=0", "'distill.temperature'"),
+        ("federation.strategy=fedsgd", "choose one of: fedavg"),
+        ("teacher.head=global", "choose one of: local, federated"),
+        ("teacher.weights=s3://x", "teacher.weights"),
+        ("data.source=imagenet", "data.source"),
+        ("partition.labelled_fraction=0", "partition.labelled_fraction"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"train": {"epochs": 3}})
+    assert "local_epochs" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["rounds", "federation.rounds", "a.b.c=1", "=3"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(ConfigError, match="override"):
+        parse_overrides([bad])
+
+
+def test_min_sites_above_sites_is_rejected():
+    with pytest.raises(ConfigError, match="min_sites"):
+        load_config(None, ["partition.sites=2", "federation.min_sites=3"])
+
+
+def test_yaml_round_trip_is_lossless(tmp_path):
+    cfg = load_config(None, ["federation.rounds=7", "data.source=npz:/d/x.npz"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_split_overrides():
+    assert split_overrides("a.b=1; c.d=x\n") == ["a.b=1", " c.d=x"]
+    assert split_overrides("") == []

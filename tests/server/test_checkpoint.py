@@ -1,0 +1,56 @@
+"""Checkpoints are atomic and self-describing; history survives torn lines."""
+
+import numpy as np
+import pytest
+
+from common.errors import CheckpointError
+from server import checkpoint, history
+
+
+def test_round_trip(tmp_path):
+    arrays = {"student.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    checkpoint.save_checkpoint(tmp_path, 3, arrays, {"config_yaml": "x: 1"})
+    ck = checkpoint.load_checkpoint(tmp_path)
+    assert ck["round"] == 3 and ck["config_yaml"] == "x: 1"
+    np.testing.assert_array_equal(ck["arrays"]["student.w"], arrays["student.w"])
+    assert (tmp_path / "checkpoints" / "round-0003.pt").is_file()
+
+
+def test_interrupted_write_keeps_previous_latest(tmp_path, monkeypatch):
+    arrays = {"student.w": np.ones(4, dtype=np.float32)}
+    checkpoint.save_checkpoint(tmp_path, 1, arrays, {})
+
+    real_fsync = checkpoint.os.fsync
+
+    def crash(fd):
+        raise KeyboardInterrupt("power cut during write")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path, 2, {"student.w": np.zeros(4, np.float32)}, {})
+    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
+    ck = checkpoint.load_checkpoint(tmp_path)
+    assert ck["round"] == 1
+    np.testing.assert_array_equal(ck["arrays"]["student.w"], 1.0)
+    leftovers = list((tmp_path / "checkpoints").glob(".*.tmp"))
+    assert leftovers == []
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        checkpoint.load_checkpoint(tmp_path)
+
+
+def test_history_ignores_torn_last_line_and_truncates(tmp_path):
+    path = tmp_path / "history.jsonl"
+    for r in (1, 2, 3):
+        history.append_row(path, {"round": r, "acc": float("nan")})
+    with open(path, "a") as fh:
+        fh.write('{"round": 4, "ac')
+    rows = history.read_rows(path)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["acc"] is None
+    history.truncate_to_round(path, 2)
+    assert [r["round"] for r in history.read_rows(path)] == [1, 2]
