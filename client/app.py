@@ -10,7 +10,14 @@ import functools
 import logging
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client import site as site_lib
@@ -62,16 +69,21 @@ def train(msg: Message, context: Context) -> Message:
     cfg, conf = _unpack(msg)
     site = site_lib.get_site(cfg, dict(context.node_config))
     arrays, metrics = site_lib.train_round(
-        cfg, site, _arrays(msg), context.state,
+        cfg,
+        site,
+        _arrays(msg),
+        context.state,
         server_round=int(conf.get("server-round", 0)),
         num_classes=int(conf["num-classes"]),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
     )
-    content = RecordDict({
-        "arrays": pack(arrays, cfg.federation.transfer_dtype),
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": site.name}),
-    })
+    content = RecordDict(
+        {
+            "arrays": pack(arrays, cfg.federation.transfer_dtype),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -80,10 +92,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global student (and teacher probe) on the site's test part."""
     cfg, conf = _unpack(msg)
     site = site_lib.get_site(cfg, dict(context.node_config))
-    metrics = site_lib.evaluate_round(cfg, site, _arrays(msg), context.state,
-                                      num_classes=int(conf["num-classes"]))
-    content = RecordDict({
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": site.name}),
-    })
+    metrics = site_lib.evaluate_round(
+        cfg, site, _arrays(msg), context.state, num_classes=int(conf["num-classes"])
+    )
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
     return Message(content=content, reply_to=msg)

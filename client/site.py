@@ -71,17 +71,21 @@ class Site:
 # Per-process memo of derived, read-only data (decoded images, teacher). It is a
 # cache, not federated state: rebuilding it gives identical values.
 @functools.lru_cache(maxsize=4)
-def _dataset(source: str, size: int, cache_dir: str, seed: int, val: float,
-             test: float):
-    return load_dataset(source, size, cache_dir, seed=seed, val_fraction=val,
-                        test_fraction=test)
+def _dataset(
+    source: str, size: int, cache_dir: str, seed: int, val: float, test: float
+):
+    return load_dataset(
+        source, size, cache_dir, seed=seed, val_fraction=val, test_fraction=test
+    )
 
 
 @functools.lru_cache(maxsize=2)
 def _teacher(arch: str, weights: str, image_size: int) -> FrozenTeacher:
     from common.config import TeacherConfig
 
-    return load_teacher(TeacherConfig(arch=arch, weights=weights, image_size=image_size))
+    return load_teacher(
+        TeacherConfig(arch=arch, weights=weights, image_size=image_size)
+    )
 
 
 def teacher_for(cfg: ExperimentConfig) -> FrozenTeacher:
@@ -95,8 +99,13 @@ def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
     size = base_image_size(cfg)
     cache_dir = str(node_config.get("cache-dir", cfg.data.cache_dir))
     if "data-source" in node_config:  # deployment: the site's data is the site's
-        return load_site(str(node_config["data-source"]), size, cache_dir,
-                         cfg.train.seed, str(node_config.get("site", "site")))
+        return load_site(
+            str(node_config["data-source"]),
+            size,
+            cache_dir,
+            cfg.train.seed,
+            str(node_config.get("site", "site")),
+        )
     if "partition-id" not in node_config:
         raise DataError(
             "node config names no data: give data-source=<br35h|npz:..|folder:..> "
@@ -109,18 +118,27 @@ def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
             f"engine runs {n_part} nodes but partition.sites={cfg.partition.sites}; "
             "they must match"
         )
-    ds = _dataset(cfg.data.source, size, cfg.data.cache_dir, cfg.train.seed,
-                  cfg.data.val_fraction, cfg.data.test_fraction)
+    ds = _dataset(
+        cfg.data.source,
+        size,
+        cfg.data.cache_dir,
+        cfg.train.seed,
+        cfg.data.val_fraction,
+        cfg.data.test_fraction,
+    )
     return build_sites(ds, cfg.partition, cfg.train.seed)[pid]
 
 
-def teacher_features(cfg: ExperimentConfig, images: np.ndarray, views: int,
-                     cache_root: str | Path) -> tuple[np.ndarray, dict]:
+def teacher_features(
+    cfg: ExperimentConfig, images: np.ndarray, views: int, cache_root: str | Path
+) -> tuple[np.ndarray, dict]:
     """Cached teacher features (V, N, D) for `views` fixed views of `images`."""
     teacher = teacher_for(cfg)
     out, hits, misses = [], 0, 0
     for v in range(views):
-        cache = FeatureCache(Path(cache_root).expanduser(), teacher_cache_key(teacher, v))
+        cache = FeatureCache(
+            Path(cache_root).expanduser(), teacher_cache_key(teacher, v)
+        )
         feats, stats = cache.get_or_compute(
             apply_view(images, v),
             lambda imgs: teacher.features(imgs, batch_size=cfg.teacher.batch_size),
@@ -137,8 +155,9 @@ def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
     cache_root = node_config.get("cache-dir", cfg.teacher.cache_dir)
     views = cfg.teacher.views if uses_teacher(cfg) else 1
     size = cfg.data.image_size
-    x = torch.stack([to_student_tensor(apply_view(raw.train.images, v), size)
-                     for v in range(views)])
+    x = torch.stack(
+        [to_student_tensor(apply_view(raw.train.images, v), size) for v in range(views)]
+    )
     feats_train = feats_test = None
     info: dict = {"used": False}
     if uses_teacher(cfg):
@@ -152,8 +171,11 @@ def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
         name=raw.name,
         classes=tuple(raw.classes),
         channels=int(raw.train.images.shape[-1]),
-        train=LocalData(x=x, y=torch.from_numpy(raw.train.labels.astype(np.int64)),
-                        labelled=torch.from_numpy(raw.labelled.astype(bool))),
+        train=LocalData(
+            x=x,
+            y=torch.from_numpy(raw.train.labels.astype(np.int64)),
+            labelled=torch.from_numpy(raw.labelled.astype(bool)),
+        ),
         test_x=to_student_tensor(raw.test.images, size),
         test_y=torch.from_numpy(raw.test.labels.astype(np.int64)),
         feats_train=feats_train,
@@ -205,9 +227,14 @@ def hash_name(name: str) -> int:
     return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % 100_003
 
 
-def _head_for_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
-                    state: RecordDict, num_classes: int, seed: int
-                    ) -> tuple[nn.Linear, nn.Linear | None]:
+def _head_for_round(
+    cfg: ExperimentConfig,
+    site: Site,
+    arrays: ArrayRecord,
+    state: RecordDict,
+    num_classes: int,
+    seed: int,
+) -> tuple[nn.Linear, nn.Linear | None]:
     """(head giving this round's soft targets, head to send back or None)."""
     labelled = site.train.labelled
     feats = site.feats_train[:, labelled].reshape(-1, site.feats_train.shape[-1])
@@ -217,8 +244,13 @@ def _head_for_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
             head = nn.Linear(feats.shape[1], num_classes)
             load_into(head, state[LOCAL_HEAD_KEY], HEAD_PREFIX)
         else:
-            head = fit_head(feats.numpy(), labels.numpy(), num_classes,
-                            weight_decay=cfg.teacher.head_weight_decay, seed=seed)
+            head = fit_head(
+                feats.numpy(),
+                labels.numpy(),
+                num_classes,
+                weight_decay=cfg.teacher.head_weight_decay,
+                seed=seed,
+            )
             from common.serialization import pack
 
             state[LOCAL_HEAD_KEY] = pack(module_arrays(head, HEAD_PREFIX))
@@ -230,12 +262,23 @@ def _head_for_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
         load_into(global_head, arrays, HEAD_PREFIX)
         local = nn.Linear(feats.shape[1], num_classes)
         local.load_state_dict(global_head.state_dict())
-        train_head(local, feats.numpy(), labels.numpy(), epochs=cfg.teacher.head_epochs,
-                   lr=cfg.teacher.head_lr, weight_decay=cfg.teacher.head_weight_decay,
-                   seed=seed)
+        train_head(
+            local,
+            feats.numpy(),
+            labels.numpy(),
+            epochs=cfg.teacher.head_epochs,
+            lr=cfg.teacher.head_lr,
+            weight_decay=cfg.teacher.head_weight_decay,
+            seed=seed,
+        )
         return global_head, local
-    local = fit_head(feats.numpy(), labels.numpy(), num_classes,
-                     weight_decay=cfg.teacher.head_weight_decay, seed=seed)
+    local = fit_head(
+        feats.numpy(),
+        labels.numpy(),
+        num_classes,
+        weight_decay=cfg.teacher.head_weight_decay,
+        seed=seed,
+    )
     return local, local
 
 
@@ -249,27 +292,39 @@ def make_proj(student: nn.Module, feature_dim: int) -> nn.Linear:
     return nn.Linear(student.num_features, feature_dim)
 
 
-def train_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
-                state: RecordDict, server_round: int, num_classes: int,
-                proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
+def train_round(
+    cfg: ExperimentConfig,
+    site: Site,
+    arrays: ArrayRecord,
+    state: RecordDict,
+    server_round: int,
+    num_classes: int,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, np.ndarray], dict]:
     """One round of local KD; returns (arrays to send, scalar metrics)."""
     seed = _site_seed(cfg, server_round, site)
     student = make_student(cfg, num_classes, site.channels)
     local_mode = cfg.federation.strategy == "local"
-    source = state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
+    source = (
+        state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
+    )
     load_into(student, source, STUDENT_PREFIX)
     proj = None
     out: dict[str, np.ndarray] = {}
     metrics: dict[str, float] = {}
     data = site.train
     if uses_teacher(cfg):
-        target_head, send_head = _head_for_round(cfg, site, arrays, state, num_classes,
-                                                 seed)
+        target_head, send_head = _head_for_round(
+            cfg, site, arrays, state, num_classes, seed
+        )
         with torch.no_grad():
-            logits = head_logits(target_head, site.feats_train.reshape(
-                -1, site.feats_train.shape[-1]))
+            logits = head_logits(
+                target_head, site.feats_train.reshape(-1, site.feats_train.shape[-1])
+            )
         data = LocalData(
-            x=data.x, y=data.y, labelled=data.labelled,
+            x=data.x,
+            y=data.y,
+            labelled=data.labelled,
             teacher_logits=logits.reshape(site.feats_train.shape[0], site.train.n, -1),
             teacher_feats=site.feats_train,
         )
@@ -278,8 +333,17 @@ def train_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
         if cfg.distill.feature_weight > 0:
             proj = make_proj(student, site.feats_train.shape[-1])
             load_into(proj, source, PROJ_PREFIX)
-    metrics.update(train_local(student, data, cfg.train, cfg.distill, seed=seed,
-                               proj=proj, proximal_mu=proximal_mu))
+    metrics.update(
+        train_local(
+            student,
+            data,
+            cfg.train,
+            cfg.distill,
+            seed=seed,
+            proj=proj,
+            proximal_mu=proximal_mu,
+        )
+    )
     out.update(module_arrays(student, STUDENT_PREFIX))
     if proj is not None:
         out.update(module_arrays(proj, PROJ_PREFIX))
@@ -290,12 +354,19 @@ def train_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
     return out, metrics
 
 
-def evaluate_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
-                   state: RecordDict, num_classes: int) -> dict[str, float]:
+def evaluate_round(
+    cfg: ExperimentConfig,
+    site: Site,
+    arrays: ArrayRecord,
+    state: RecordDict,
+    num_classes: int,
+) -> dict[str, float]:
     """Metrics of the global (or, for `local`, the site's own) student and teacher."""
     student = make_student(cfg, num_classes, site.channels)
     local_mode = cfg.federation.strategy == "local"
-    source = state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
+    source = (
+        state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
+    )
     load_into(student, source, STUDENT_PREFIX)
     metrics = evaluate(student, site.test_x, site.test_y)
     if uses_teacher(cfg) and site.feats_test is not None:
@@ -309,7 +380,8 @@ def evaluate_round(cfg: ExperimentConfig, site: Site, arrays: ArrayRecord,
         if head is not None:
             with torch.no_grad():
                 t = evaluate_logits(head_logits(head, site.feats_test), site.test_y)
-            metrics.update({f"teacher_{k}": v for k, v in t.items()
-                            if k != "num-examples"})
+            metrics.update(
+                {f"teacher_{k}": v for k, v in t.items() if k != "num-examples"}
+            )
     # An undefined metric (AUC on a one-class test set) is left out, not faked.
     return {k: v for k, v in metrics.items() if not math.isnan(v)}

@@ -199,7 +199,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam"),
 }
 
-_SOURCE_RE = re.compile(r"^(br35h|medmnist:[a-z0-9]+(@(28|64|128|224))?|npz:.+|folder:.+)$")
+_SOURCE_RE = re.compile(
+    r"^(br35h|medmnist:[a-z0-9]+(@(28|64|128|224))?|npz:.+|folder:.+)$"
+)
 _WEIGHTS_RE = re.compile(r"^(hub|random|file:.+)$")
 
 
@@ -233,7 +235,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 def _build(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config must be a mapping of sections, got {type(data).__name__}"
+        )
     sections = _section_fields(ExperimentConfig)
     kwargs: dict[str, Any] = {}
     for sec_name, sec_value in data.items():
@@ -263,8 +267,9 @@ def _build(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def _range(key: str, value: float, lo: float | None, hi: float | None, *,
-           lo_open: bool = False) -> None:
+def _range(
+    key: str, value: float, lo: float | None, hi: float | None, *, lo_open: bool = False
+) -> None:
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and value > hi
     )
@@ -304,10 +309,20 @@ def validate(cfg: ExperimentConfig) -> None:
     _range("partition.alpha", cfg.partition.alpha, 0.0, None, lo_open=True)
     _range("partition.classes_per_site", cfg.partition.classes_per_site, 1, None)
     _range("partition.size_skew", cfg.partition.size_skew, 0.0, 10.0)
-    _range("partition.site_test_fraction", cfg.partition.site_test_fraction, 0.0, 0.9,
-           lo_open=True)
-    _range("partition.labelled_fraction", cfg.partition.labelled_fraction, 0.0, 1.0,
-           lo_open=True)
+    _range(
+        "partition.site_test_fraction",
+        cfg.partition.site_test_fraction,
+        0.0,
+        0.9,
+        lo_open=True,
+    )
+    _range(
+        "partition.labelled_fraction",
+        cfg.partition.labelled_fraction,
+        0.0,
+        1.0,
+        lo_open=True,
+    )
     _range("partition.min_site_size", cfg.partition.min_site_size, 1, None)
     _range("teacher.image_size", cfg.teacher.image_size, 14, 1024)
     _range("teacher.head_epochs", cfg.teacher.head_epochs, 1, None)
@@ -319,15 +334,26 @@ def validate(cfg: ExperimentConfig) -> None:
     _range("distill.unlabelled_weight", cfg.distill.unlabelled_weight, 0.0, None)
     _range("distill.feature_weight", cfg.distill.feature_weight, 0.0, None)
     _range("federation.rounds", cfg.federation.rounds, 1, None)
-    _range("federation.fraction_train", cfg.federation.fraction_train, 0.0, 1.0,
-           lo_open=True)
+    _range(
+        "federation.fraction_train",
+        cfg.federation.fraction_train,
+        0.0,
+        1.0,
+        lo_open=True,
+    )
     _range("federation.fraction_evaluate", cfg.federation.fraction_evaluate, 0.0, 1.0)
     _range("federation.min_sites", cfg.federation.min_sites, 1, None)
     _range("federation.proximal_mu", cfg.federation.proximal_mu, 0.0, None)
-    _range("federation.round_timeout", cfg.federation.round_timeout, 0.0, None,
-           lo_open=True)
-    _range("federation.norm_outlier_factor", cfg.federation.norm_outlier_factor, 0.0,
-           None)
+    _range(
+        "federation.round_timeout",
+        cfg.federation.round_timeout,
+        0.0,
+        None,
+        lo_open=True,
+    )
+    _range(
+        "federation.norm_outlier_factor", cfg.federation.norm_outlier_factor, 0.0, None
+    )
     _range("federation.max_round_retries", cfg.federation.max_round_retries, 0, 100)
     _range("federation.trim_beta", cfg.federation.trim_beta, 0.0, 0.5, lo_open=True)
     _range("federation.krum_byzantine", cfg.federation.krum_byzantine, 0, None)
@@ -345,8 +371,10 @@ def validate(cfg: ExperimentConfig) -> None:
             f"'partition.sites' = {cfg.partition.sites}; lower min_sites"
         )
     if cfg.distill.alpha == 1.0 and cfg.distill.feature_weight > 0:
-        log.warning("distill.alpha=1 with feature_weight>0: only the feature term "
-                    "uses the teacher")
+        log.warning(
+            "distill.alpha=1 with feature_weight>0: only the feature term "
+            "uses the teacher"
+        )
 
 
 def _parse_scalar(text: str) -> Any:
@@ -401,28 +429,35 @@ def _stringify_str_fields(data: dict[str, Any]) -> dict[str, Any]:
             continue
         valid = _section_fields(sections[sec].default_factory)  # type: ignore[misc]
         for key, value in values.items():
-            if key in valid and valid[key].type in (str, "str") and isinstance(
-                value, (int, float)
-            ) and not isinstance(value, bool):
+            if (
+                key in valid
+                and valid[key].type in (str, "str")
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+            ):
                 values[key] = str(value)
     return data
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None
-                     ) -> ExperimentConfig:
+def config_from_dict(
+    data: dict[str, Any] | None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Build a validated config from a nested dict plus dotted overrides."""
     merged = _merge(data or {}, parse_overrides(overrides or []))
     return _build(_stringify_str_fields(merged))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None
-                ) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Load a YAML experiment file (or defaults when None) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}; pass --config <path to yaml>")
+            raise ConfigError(
+                f"config file not found: {p}; pass --config <path to yaml>"
+            )
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:

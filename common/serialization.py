@@ -56,7 +56,7 @@ def unpack(record: ArrayRecord, prefix: str) -> OrderedDict[str, torch.Tensor]:
             arr = record[key].numpy()
             if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
                 arr = arr.astype(np.float32)
-            out[key[len(prefix):]] = torch.from_numpy(np.array(arr, copy=True))
+            out[key[len(prefix) :]] = torch.from_numpy(np.array(arr, copy=True))
     return out
 
 

@@ -38,8 +38,9 @@ class LocalData:
         return int(self.y.shape[0])
 
 
-def _forward(student: nn.Module, x: torch.Tensor, want_features: bool
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(
+    student: nn.Module, x: torch.Tensor, want_features: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not want_features:
         return student(x), None
     feats = student.forward_features(x)
@@ -50,8 +51,9 @@ def _forward(student: nn.Module, x: torch.Tensor, want_features: bool
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 def train_local(
@@ -71,7 +73,8 @@ def train_local(
     gen = torch.Generator().manual_seed(seed)
     use_teacher = data.teacher_logits is not None and distill_cfg.alpha < 1.0
     use_feats = (
-        proj is not None and data.teacher_feats is not None
+        proj is not None
+        and data.teacher_feats is not None
         and distill_cfg.feature_weight > 0
     )
     if use_teacher or use_feats:
@@ -106,7 +109,9 @@ def train_local(
             logits, pre = _forward(student, xb, use_feats)
             t_logits = data.teacher_logits[view, idx] if use_teacher else None
             losses = kd_loss(
-                logits, t_logits, data.y[idx],
+                logits,
+                t_logits,
+                data.y[idx],
                 alpha=distill_cfg.alpha if use_teacher else 1.0,
                 temperature=distill_cfg.temperature,
                 labelled=data.labelled[idx],
@@ -114,8 +119,11 @@ def train_local(
             )
             loss = losses["loss"]
             if use_feats:
-                f_loss = feature_loss(proj(pre), data.teacher_feats[view, idx],
-                                      kind=distill_cfg.feature_loss)
+                f_loss = feature_loss(
+                    proj(pre),
+                    data.teacher_feats[view, idx],
+                    kind=distill_cfg.feature_loss,
+                )
                 loss = loss + distill_cfg.feature_weight * f_loss
                 sums["feat"] += f_loss.item()
             if global_params is not None:
@@ -139,22 +147,29 @@ def train_local(
         log.warning("non-finite training loss at this site (lr too high?)")
     secs = time.perf_counter() - t0
     out = {f"train_{k}": v / steps for k, v in sums.items()}
-    out.update({"num-examples": float(len(pool)), "train_seconds": secs,
-                "train_images_per_s": seen / max(secs, 1e-9)})
+    out.update(
+        {
+            "num-examples": float(len(pool)),
+            "train_seconds": secs,
+            "train_images_per_s": seen / max(secs, 1e-9),
+        }
+    )
     return out
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256
-                  ) -> torch.Tensor:
+def predict_proba(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
     """Class probabilities of `model` on `x`, batched, in eval mode."""
     model.eval()
     outs = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.softmax(torch.cat(outs), dim=1)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> dict[str, float]:
     """ACC, AUC, CE loss and count of `model` on (x, y)."""
     probs = predict_proba(model, x, batch_size)
     loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item() if len(y) else 0.0

@@ -45,13 +45,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray],
-                    extra: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    extra: dict[str, Any],
+) -> Path:
     """Write checkpoints/round-XXXX.pt and point checkpoints/latest.pt at it."""
     payload = {
         "format": FORMAT_VERSION,
         "round": server_round,
-        "arrays": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()},
+        "arrays": {
+            k: torch.from_numpy(np.require(v, requirements="C"))
+            for k, v in arrays.items()
+        },
         **extra,
     }
     buf = io.BytesIO()
@@ -74,10 +81,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({err.__class__.__name__});"
-                              " use an earlier round-XXXX.pt") from err
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({err.__class__.__name__});"
+            " use an earlier round-XXXX.pt"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a fedkd checkpoint (format "
-                              f"{FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path} is not a fedkd checkpoint (format {FORMAT_VERSION})"
+        )
     payload["arrays"] = {k: v.numpy() for k, v in payload["arrays"].items()}
     return payload

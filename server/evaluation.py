@@ -21,8 +21,14 @@ log = logging.getLogger(__name__)
 class GlobalEvaluator:
     """Holds the global test tensors; evaluates arrays each round."""
 
-    def __init__(self, cfg: ExperimentConfig, classes: list[str], x: torch.Tensor,
-                 y: torch.Tensor, channels: int) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        classes: list[str],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        channels: int,
+    ) -> None:
         self.cfg, self.classes, self.x, self.y = cfg, classes, x, y
         self.channels = channels
 
@@ -37,19 +43,33 @@ class GlobalEvaluator:
             return None
         try:
             size = decode_size(cfg.data.image_size, cfg.teacher.image_size)
-            ds = load_dataset(cfg.data.source, size, cfg.data.cache_dir,
-                              seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
-                              test_fraction=cfg.data.test_fraction)
+            ds = load_dataset(
+                cfg.data.source,
+                size,
+                cfg.data.cache_dir,
+                seed=cfg.train.seed,
+                val_fraction=cfg.data.val_fraction,
+                test_fraction=cfg.data.test_fraction,
+            )
         except FedKDError as err:
             log.warning("global evaluation disabled: %s", err)
             return None
         if list(ds.classes) != list(classes):
-            log.warning("global evaluation disabled: server data classes %s differ from "
-                        "the sites' %s", list(ds.classes), classes)
+            log.warning(
+                "global evaluation disabled: server data classes %s differ from "
+                "the sites' %s",
+                list(ds.classes),
+                classes,
+            )
             return None
         x = to_student_tensor(ds.test.images, cfg.data.image_size)
-        return cls(cfg, classes, x, torch.from_numpy(ds.test.labels.astype("int64")),
-                   ds.channels)
+        return cls(
+            cfg,
+            classes,
+            x,
+            torch.from_numpy(ds.test.labels.astype("int64")),
+            ds.channels,
+        )
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         """ACC/AUC/loss of the global student on the global test set."""

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig
 from common.errors import FedKDError
-from common.models.student import create_student, count_params
+from common.models.student import count_params, create_student
 from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays, pack
 from server import checkpoint, history, model_card
 from server.evaluation import GlobalEvaluator
@@ -35,7 +35,9 @@ class FederationError(FedKDError):
     """The federation cannot go on (too few sites, sites that disagree)."""
 
 
-def _config_record(cfg: ExperimentConfig, num_classes: int | None = None) -> ConfigRecord:
+def _config_record(
+    cfg: ExperimentConfig, num_classes: int | None = None
+) -> ConfigRecord:
     rec = ConfigRecord({"experiment": cfg.to_yaml()})
     if num_classes is not None:
         rec["num-classes"] = num_classes
@@ -53,8 +55,10 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
             )
         time.sleep(0.5)
     content = RecordDict({"config": _config_record(cfg)})
-    msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
-            for n in nodes]
+    msgs = [
+        Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
     infos, errors = [], []
     for msg in replies:
@@ -62,7 +66,9 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
             errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
             continue
         rec = msg.content["site"]
-        infos.append({k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()})
+        infos.append(
+            {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
+        )
     for e in errors:
         log.error("site handshake failed: %s", e)
     if len(infos) < cfg.federation.min_sites:
@@ -82,8 +88,9 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
     return infos
 
 
-def initial_arrays(cfg: ExperimentConfig, num_classes: int, channels: int,
-                   feature_dim: int) -> dict[str, np.ndarray]:
+def initial_arrays(
+    cfg: ExperimentConfig, num_classes: int, channels: int, feature_dim: int
+) -> dict[str, np.ndarray]:
     """The seeded initial student (and feature projection) every site starts from."""
     torch.manual_seed(cfg.train.seed)
     student = create_student(cfg.student.arch, num_classes, channels)
@@ -98,8 +105,14 @@ def _record_to_dict(rec: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: rec[k].numpy() for k in rec.keys()}
 
 
-def _train_round(strategy, grid: Grid, cfg: ExperimentConfig, rnd: int,
-                 arrays: ArrayRecord, train_conf: ConfigRecord):
+def _train_round(
+    strategy,
+    grid: Grid,
+    cfg: ExperimentConfig,
+    rnd: int,
+    arrays: ArrayRecord,
+    train_conf: ConfigRecord,
+):
     """Run one training round, retrying while fewer than min_sites replied."""
     fed = cfg.federation
     for attempt in range(fed.max_round_retries + 1):
@@ -112,9 +125,16 @@ def _train_round(strategy, grid: Grid, cfg: ExperimentConfig, rnd: int,
         ok = report.received - len(report.failed) - len(report.rejected)
         if new_arrays is not None and ok >= fed.min_sites:
             return new_arrays, metrics, report, attempt
-        log.warning("round %d attempt %d: %d usable replies < min_sites=%d "
-                    "(failed: %s; rejected: %s)", rnd, attempt + 1, ok, fed.min_sites,
-                    report.failed, report.rejected)
+        log.warning(
+            "round %d attempt %d: %d usable replies < min_sites=%d "
+            "(failed: %s; rejected: %s)",
+            rnd,
+            attempt + 1,
+            ok,
+            fed.min_sites,
+            report.failed,
+            report.rejected,
+        )
     raise FederationError(
         f"round {rnd}: fewer than federation.min_sites={fed.min_sites} sites returned "
         f"a usable update after {fed.max_round_retries + 1} attempts; failures: "
@@ -122,9 +142,14 @@ def _train_round(strategy, grid: Grid, cfg: ExperimentConfig, rnd: int,
     )
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *,
-                   resume: bool = False, expected_sites: int | None = None
-                   ) -> dict[str, Any]:
+def run_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    expected_sites: int | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the whole federation; return the final metrics."""
     run_dir = Path(run_dir)
     hist_path = run_dir / "history.jsonl"
@@ -152,8 +177,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *,
         log.info("resuming %s after round %d", run_dir, ckpt["round"])
     else:
         arrays = pack(initial_arrays(cfg, len(classes), channels, feature_dim))
-        checkpoint.save_checkpoint(run_dir, 0, _record_to_dict(arrays),
-                                   {"config_yaml": cfg.to_yaml(), "sites": infos})
+        checkpoint.save_checkpoint(
+            run_dir,
+            0,
+            _record_to_dict(arrays),
+            {"config_yaml": cfg.to_yaml(), "sites": infos},
+        )
     evaluator = GlobalEvaluator.maybe(cfg, classes)
     train_conf = _config_record(cfg, len(classes))
     eval_conf = _config_record(cfg, len(classes))
@@ -161,7 +190,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *,
     for rnd in range(start, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
         arrays, train_metrics, report, retries = _train_round(
-            strategy, grid, cfg, rnd, arrays, train_conf)
+            strategy, grid, cfg, rnd, arrays, train_conf
+        )
         t_train = time.perf_counter() - t0
         eval_metrics = None
         if cfg.federation.fraction_evaluate > 0:
@@ -185,39 +215,65 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *,
             "teacher_weights": teacher["weights_source"],
         }
         history.append_row(hist_path, row)
-        checkpoint.save_checkpoint(run_dir, rnd, _record_to_dict(arrays),
-                                   {"config_yaml": cfg.to_yaml(), "sites": infos,
-                                    "last_row": row})
+        checkpoint.save_checkpoint(
+            run_dir,
+            rnd,
+            _record_to_dict(arrays),
+            {"config_yaml": cfg.to_yaml(), "sites": infos, "last_row": row},
+        )
         last = row
-        log.info("round %d/%d  site-acc %.4f  worst %.4f  global-acc %s  (%.1fs)%s",
-                 rnd, cfg.federation.rounds, row["eval"].get("acc", float("nan")),
-                 row["eval"].get("worst_site_acc", float("nan")),
-                 f"{global_metrics['acc']:.4f}" if "acc" in global_metrics else "n/a",
-                 row["seconds"],
-                 f"  failed={len(report.failed)} rejected={len(report.rejected)}"
-                 if report.failed or report.rejected else "")
+        log.info(
+            "round %d/%d  site-acc %.4f  worst %.4f  global-acc %s  (%.1fs)%s",
+            rnd,
+            cfg.federation.rounds,
+            row["eval"].get("acc", float("nan")),
+            row["eval"].get("worst_site_acc", float("nan")),
+            f"{global_metrics['acc']:.4f}" if "acc" in global_metrics else "n/a",
+            row["seconds"],
+            f"  failed={len(report.failed)} rejected={len(report.rejected)}"
+            if report.failed or report.rejected
+            else "",
+        )
     return finish(run_dir, cfg, arrays, infos, classes, channels, teacher, last)
 
 
-def finish(run_dir: Path, cfg: ExperimentConfig, arrays: ArrayRecord, infos: list,
-           classes: list[str], channels: int, teacher: dict, last: dict) -> dict:
+def finish(
+    run_dir: Path,
+    cfg: ExperimentConfig,
+    arrays: ArrayRecord,
+    infos: list,
+    classes: list[str],
+    channels: int,
+    teacher: dict,
+    last: dict,
+) -> dict:
     """Save the final student, its model card and the accuracy plot."""
     final_dir = run_dir / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
     arr = _record_to_dict(arrays)
-    model_card.save_student(final_dir / "model.pt", arr, cfg, classes, channels, teacher)
+    model_card.save_student(
+        final_dir / "model.pt", arr, cfg, classes, channels, teacher
+    )
     params = count_params(create_student(cfg.student.arch, len(classes), channels))
     metrics = {
         **{f"site_mean_{k}": v for k, v in last.get("eval", {}).items()},
         **{f"global_{k}": v for k, v in last.get("global", {}).items()},
         "per_site": last.get("sites", {}),
     }
-    card = model_card.build_card(cfg, classes=classes, site_infos=infos,
-                                 rounds_done=int(last.get("round", 0)),
-                                 final_metrics=metrics, teacher=teacher, params=params)
+    card = model_card.build_card(
+        cfg,
+        classes=classes,
+        site_infos=infos,
+        rounds_done=int(last.get("round", 0)),
+        final_metrics=metrics,
+        teacher=teacher,
+        params=params,
+    )
     model_card.write_card(final_dir, card)
-    plot_history(history.read_rows(run_dir / "history.jsonl"), run_dir / "accuracy.png",
-                 title=f"{cfg.run.name}: {cfg.federation.strategy}, teacher "
-                       f"{teacher['weights_source']}")
+    plot_history(
+        history.read_rows(run_dir / "history.jsonl"),
+        run_dir / "accuracy.png",
+        title=f"{cfg.run.name}: {cfg.federation.strategy}, teacher "
+        f"{teacher['weights_source']}",
+    )
     return metrics
-

@@ -40,11 +40,20 @@ def teacher_source(cfg: ExperimentConfig, site_infos: list[dict[str, Any]]) -> s
     return cfg.teacher.weights.split(":", 1)[0]
 
 
-def save_student(path: Path, arrays: dict[str, np.ndarray], cfg: ExperimentConfig,
-                 classes: list[str], channels: int, teacher: dict[str, Any]) -> None:
+def save_student(
+    path: Path,
+    arrays: dict[str, np.ndarray],
+    cfg: ExperimentConfig,
+    classes: list[str],
+    channels: int,
+    teacher: dict[str, Any],
+) -> None:
     """Write the student's weights with everything inference needs."""
-    state = {k[len(STUDENT_PREFIX):]: torch.from_numpy(np.array(v))
-             for k, v in arrays.items() if k.startswith(STUDENT_PREFIX)}
+    state = {
+        k[len(STUDENT_PREFIX) :]: torch.from_numpy(np.array(v))
+        for k, v in arrays.items()
+        if k.startswith(STUDENT_PREFIX)
+    }
     payload = {
         "format": MODEL_FORMAT,
         "arch": cfg.student.arch,
@@ -68,31 +77,50 @@ def save_student(path: Path, arrays: dict[str, np.ndarray], cfg: ExperimentConfi
     atomic_write_bytes(path, buf.getvalue())
 
 
-def build_card(cfg: ExperimentConfig, *, classes: list[str], site_infos: list[dict],
-               rounds_done: int, final_metrics: dict[str, Any], teacher: dict[str, Any],
-               params: int) -> dict[str, Any]:
+def build_card(
+    cfg: ExperimentConfig,
+    *,
+    classes: list[str],
+    site_infos: list[dict],
+    rounds_done: int,
+    final_metrics: dict[str, Any],
+    teacher: dict[str, Any],
+    params: int,
+) -> dict[str, Any]:
     """The model card as plain data."""
     return {
-        "model": {"arch": cfg.student.arch, "parameters": params,
-                  "input": f"{cfg.data.image_size}px, channels from data",
-                  "classes": classes},
+        "model": {
+            "arch": cfg.student.arch,
+            "parameters": params,
+            "input": f"{cfg.data.image_size}px, channels from data",
+            "classes": classes,
+        },
         "method": {
             "strategy": cfg.federation.strategy,
-            "distillation": {"alpha": cfg.distill.alpha,
-                             "temperature": cfg.distill.temperature,
-                             "feature_weight": cfg.distill.feature_weight,
-                             "unlabelled_weight": cfg.distill.unlabelled_weight},
+            "distillation": {
+                "alpha": cfg.distill.alpha,
+                "temperature": cfg.distill.temperature,
+                "feature_weight": cfg.distill.feature_weight,
+                "unlabelled_weight": cfg.distill.unlabelled_weight,
+            },
             "rounds": rounds_done,
             "local_epochs": cfg.train.local_epochs,
             "transfer_dtype": cfg.federation.transfer_dtype,
-            "dp": {"enabled": cfg.privacy.dp, "clipping_norm": cfg.privacy.clipping_norm,
-                   "noise_multiplier": cfg.privacy.noise_multiplier},
+            "dp": {
+                "enabled": cfg.privacy.dp,
+                "clipping_norm": cfg.privacy.clipping_norm,
+                "noise_multiplier": cfg.privacy.noise_multiplier,
+            },
         },
         "teacher": teacher,
-        "data": {"source": cfg.data.source, "partition": cfg.partition.scheme,
-                 "alpha": cfg.partition.alpha, "shift": cfg.partition.shift,
-                 "labelled_fraction": cfg.partition.labelled_fraction,
-                 "sites": site_infos},
+        "data": {
+            "source": cfg.data.source,
+            "partition": cfg.partition.scheme,
+            "alpha": cfg.partition.alpha,
+            "shift": cfg.partition.shift,
+            "labelled_fraction": cfg.partition.labelled_fraction,
+            "sites": site_infos,
+        },
         "metrics": final_metrics,
         "intended_use": (
             "Research on federated knowledge distillation for medical image "
@@ -110,17 +138,22 @@ def _fmt(v: Any) -> str:
 def render_markdown(card: dict[str, Any]) -> str:
     """Human-readable model card."""
     t = card["teacher"]
-    lines = [f"# Model card: {card['model']['arch']} ({card['method']['strategy']})", ""]
+    lines = [
+        f"# Model card: {card['model']['arch']} ({card['method']['strategy']})",
+        "",
+    ]
     if t.get("weights_source") == "random":
         lines += [f"> **{RANDOM_BANNER}**", ""]
     elif t.get("weights_source") == "proxy":
         lines += [f"> **{PROXY_BANNER}**", ""]
     lines += [
-        "> **Not a medical device.** " + card["intended_use"], "",
+        "> **Not a medical device.** " + card["intended_use"],
+        "",
         "## Teacher",
         f"- arch: `{t.get('arch')}`",
         f"- weights source: **{t.get('weights_source')}** (`{t.get('weights_spec')}`)",
-        f"- head: {t.get('head')}", "",
+        f"- head: {t.get('head')}",
+        "",
         "## Method",
         f"- strategy: {card['method']['strategy']}, rounds: {card['method']['rounds']}, "
         f"local epochs: {card['method']['local_epochs']}",
@@ -137,8 +170,10 @@ def render_markdown(card: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for s in card["data"]["sites"]:
-        lines.append(f"| {s.get('name')} | {s.get('num-train')} | {s.get('num-labelled')} "
-                     f"| {s.get('num-test')} |")
+        lines.append(
+            f"| {s.get('name')} | {s.get('num-train')} | {s.get('num-labelled')} "
+            f"| {s.get('num-test')} |"
+        )
     lines += ["", "## Test metrics", "", "| metric | value |", "|---|---|"]
     for k, v in sorted(card["metrics"].items()):
         if not isinstance(v, dict):
@@ -147,14 +182,17 @@ def render_markdown(card: dict[str, Any]) -> str:
     if per_site:
         lines += ["", "| site | acc | auc |", "|---|---|---|"]
         for name, m in sorted(per_site.items()):
-            lines.append(f"| {name} | {_fmt(m.get('eval/acc', ''))} | "
-                         f"{_fmt(m.get('eval/auc', 'n/a'))} |")
+            lines.append(
+                f"| {name} | {_fmt(m.get('eval/acc', ''))} | "
+                f"{_fmt(m.get('eval/auc', 'n/a'))} |"
+            )
     lines += ["", f"Created {card['created']}.", ""]
     return "\n".join(lines)
 
 
 def write_card(final_dir: Path, card: dict[str, Any]) -> None:
     """Write model_card.json and model_card.md next to the final model."""
-    atomic_write_bytes(final_dir / "model_card.json",
-                       json.dumps(card, indent=2, default=str).encode())
+    atomic_write_bytes(
+        final_dir / "model_card.json", json.dumps(card, indent=2, default=str).encode()
+    )
     atomic_write_bytes(final_dir / "model_card.md", render_markdown(card).encode())

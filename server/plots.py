@@ -16,15 +16,21 @@ def plot_history(rows: list[dict], path: Path, title: str) -> None:
         return
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    series = [("eval", "acc", "site mean (local test)"),
-              ("eval", "worst_site_acc", "worst site"),
-              ("global", "acc", "global test"),
-              ("eval", "teacher_acc", "teacher probe (site mean)")]
+    series = [
+        ("eval", "acc", "site mean (local test)"),
+        ("eval", "worst_site_acc", "worst site"),
+        ("global", "acc", "global test"),
+        ("eval", "teacher_acc", "teacher probe (site mean)"),
+    ]
     for section, key, label in series:
         ys = [r.get(section, {}).get(key) for r in rows]
         if any(y is not None for y in ys):
-            ax.plot(rounds, [y if y is not None else float("nan") for y in ys],
-                    marker="o", label=label)
+            ax.plot(
+                rounds,
+                [y if y is not None else float("nan") for y in ys],
+                marker="o",
+                label=label,
+            )
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

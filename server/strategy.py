@@ -45,8 +45,11 @@ def _site_name(msg: Message) -> str:
 
 
 def _finite(record: ArrayRecord) -> bool:
-    return all(np.isfinite(record[k].numpy()).all() for k in record.keys()
-               if np.issubdtype(record[k].numpy().dtype, np.floating))
+    return all(
+        np.isfinite(record[k].numpy()).all()
+        for k in record.keys()
+        if np.issubdtype(record[k].numpy().dtype, np.floating)
+    )
 
 
 def _update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
@@ -69,17 +72,21 @@ class SafeAggregation:
         self._reference: ArrayRecord | None = None
 
     # -- train ---------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord,
-                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send the global model in the wire dtype and remember it for checks."""
         self.report = RoundReport()
         self._reference = arrays
-        wire = pack({k: arrays[k].numpy() for k in arrays.keys()},
-                    self.cfg.federation.transfer_dtype)
+        wire = pack(
+            {k: arrays[k].numpy() for k in arrays.keys()},
+            self.cfg.federation.transfer_dtype,
+        )
         messages = list(super().configure_train(server_round, wire, config, grid))
         self.report.sampled = len(messages)
         self.report.bytes_down = sum(len(wire[k].data) for k in wire.keys()) * len(
-            messages)
+            messages
+        )
         return messages
 
     def screen_train_replies(self, replies: Iterable[Message]) -> list[Message]:
@@ -94,12 +101,18 @@ class SafeAggregation:
                 log.warning("site %s failed this round: %s", name, msg.error.reason)
                 continue
             content = msg.content
-            if "arrays" not in content.array_records or len(content.metric_records) != 1:
+            if (
+                "arrays" not in content.array_records
+                or len(content.metric_records) != 1
+            ):
                 self.report.rejected.append(f"{name}: malformed reply")
                 log.warning("rejected reply of %s: no arrays/metrics", name)
                 continue
-            bad = [k for k in content["arrays"].keys()
-                   if not k.startswith(ALLOWED_PREFIXES)]
+            bad = [
+                k
+                for k in content["arrays"].keys()
+                if not k.startswith(ALLOWED_PREFIXES)
+            ]
             if bad:
                 self.report.rejected.append(f"{name}: forbidden arrays {bad[:3]}")
                 log.warning("rejected reply of %s: forbidden arrays %s", name, bad[:3])
@@ -108,8 +121,9 @@ class SafeAggregation:
                 self.report.rejected.append(f"{name}: non-finite weights")
                 log.warning("rejected reply of %s: NaN/Inf weights", name)
                 continue
-            self.report.bytes_up += sum(len(content["arrays"][k].data)
-                                        for k in content["arrays"].keys())
+            self.report.bytes_up += sum(
+                len(content["arrays"][k].data) for k in content["arrays"].keys()
+            )
             content["arrays"] = to_float32(content["arrays"])
             good.append(msg)
         return self._drop_outliers(good)
@@ -128,26 +142,33 @@ class SafeAggregation:
                 self.report.rejected.append(
                     f"{name}: update norm {norm:.3g} > {factor:g} x median {median:.3g}"
                 )
-                log.warning("rejected outlier update of %s (norm %.3g, median %.3g)",
-                            name, norm, median)
+                log.warning(
+                    "rejected outlier update of %s (norm %.3g, median %.3g)",
+                    name,
+                    norm,
+                    median,
+                )
             else:
                 keep.append(msg)
         return keep
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the screened replies with the wrapped Flower rule."""
         good = self.screen_train_replies(replies)
         for msg in good:
             self.report.sites.setdefault(_site_name(msg), {}).update(
-                {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()})
+                {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
+            )
         if not good:
             return None, None
         return super().aggregate_train(server_round, good)
 
     # -- evaluate ------------------------------------------------------------
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Example-weighted means over the sites that reported each metric."""
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -159,7 +180,8 @@ class SafeAggregation:
             metrics = next(iter(msg.content.metric_records.values()))
             n = float(metrics.get("num-examples", 1.0))
             self.report.sites.setdefault(name, {}).update(
-                {f"eval/{k}": float(v) for k, v in metrics.items()})
+                {f"eval/{k}": float(v) for k, v in metrics.items()}
+            )
             for k, v in metrics.items():
                 if k == "num-examples" or not math.isfinite(float(v)):
                     continue
@@ -193,7 +215,9 @@ def build_strategy(cfg: ExperimentConfig, num_sites: int):
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=min(fed.min_sites, num_sites),
-        min_evaluate_nodes=min(fed.min_sites, num_sites) if fed.fraction_evaluate else 0,
+        min_evaluate_nodes=min(fed.min_sites, num_sites)
+        if fed.fraction_evaluate
+        else 0,
         min_available_nodes=min(fed.min_sites, num_sites),
     )
     if fed.strategy == "fedprox":

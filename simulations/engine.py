@@ -62,8 +62,9 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> N
 
     @server_app.main()
     def _main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
-        run_federation(grid, cfg, run_dir, resume=resume,
-                       expected_sites=cfg.partition.sites)
+        run_federation(
+            grid, cfg, run_dir, resume=resume, expected_sites=cfg.partition.sites
+        )
 
     run_simulation(
         server_app=server_app,

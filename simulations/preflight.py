@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
     """Validate data and sites, fill the teacher cache; return a summary line."""
     size = decode_size(cfg.data.image_size, cfg.teacher.image_size)
-    ds = site_lib._dataset(cfg.data.source, size, cfg.data.cache_dir, cfg.train.seed,
-                           cfg.data.val_fraction, cfg.data.test_fraction)
+    ds = site_lib._dataset(
+        cfg.data.source,
+        size,
+        cfg.data.cache_dir,
+        cfg.train.seed,
+        cfg.data.val_fraction,
+        cfg.data.test_fraction,
+    )
     sites = build_sites(ds, cfg.partition, cfg.train.seed)
     sizes = ", ".join(f"{s.name}:{len(s.train)}/{len(s.test)}" for s in sites[:8])
     more = f" (+{len(sites) - 8} more)" if len(sites) > 8 else ""
@@ -35,14 +41,20 @@ def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
         bar = tqdm(sites, desc="teacher cache", unit="site", disable=not progress)
         misses = 0
         for s in bar:
-            _, info = site_lib.teacher_features(cfg, s.train.images, views,
-                                                cfg.teacher.cache_dir)
-            _, info_t = site_lib.teacher_features(cfg, s.test.images, 1,
-                                                  cfg.teacher.cache_dir)
+            _, info = site_lib.teacher_features(
+                cfg, s.train.images, views, cfg.teacher.cache_dir
+            )
+            _, info_t = site_lib.teacher_features(
+                cfg, s.test.images, 1, cfg.teacher.cache_dir
+            )
             misses += info["cache_misses"] + info_t["cache_misses"]
         d = teacher.describe()
-        teacher_line = (f"teacher: {d['arch']} @ {cfg.teacher.image_size}px, weights "
-                        f"{d['weights_source'].upper()}, {misses} images featurised "
-                        "(others from cache)")
-    return (f"data: {ds.name} ({', '.join(ds.classes)}), {len(sites)} sites "
-            f"[train/test] {sizes}{more}; global test {len(ds.test)}\n{teacher_line}")
+        teacher_line = (
+            f"teacher: {d['arch']} @ {cfg.teacher.image_size}px, weights "
+            f"{d['weights_source'].upper()}, {misses} images featurised "
+            "(others from cache)"
+        )
+    return (
+        f"data: {ds.name} ({', '.join(ds.classes)}), {len(sites)} sites "
+        f"[train/test] {sizes}{more}; global test {len(ds.test)}\n{teacher_line}"
+    )

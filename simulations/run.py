@@ -24,23 +24,39 @@ log = logging.getLogger("simulations.run")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(prog="python -m simulations.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="simulations/configs/default.yaml",
-                   help="experiment YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its last complete checkpoint")
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", default="simulations/configs/default.yaml", help="experiment YAML"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last complete checkpoint",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
 def setup_logging(debug: bool) -> None:
     """Our progress at INFO; Flower's and Ray's chatter at WARNING."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     for name in ("flwr", "ray", "filelock", "matplotlib", "PIL", "urllib3"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
@@ -73,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug)
     try:
-        from simulations.preflight import preflight
-        from simulations.engine import simulate
         from server.run_folder import prepare_run_dir
+        from simulations.engine import simulate
+        from simulations.preflight import preflight
 
         cfg, resume = resolve(args)
         run_dir = prepare_run_dir(cfg, resume=resume)
@@ -100,14 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {root}", file=sys.stderr)
         return 1
     m = card["metrics"]
-    print(f"done in {time.perf_counter() - t0:.0f}s: site-mean acc "
-          f"{m.get('site_mean_acc', float('nan')):.4f}, global acc "
-          f"{m.get('global_acc', float('nan')):.4f}; teacher weights: "
-          f"{card['teacher']['weights_source']}")
+    print(
+        f"done in {time.perf_counter() - t0:.0f}s: site-mean acc "
+        f"{m.get('site_mean_acc', float('nan')):.4f}, global acc "
+        f"{m.get('global_acc', float('nan')):.4f}; teacher weights: "
+        f"{card['teacher']['weights_source']}"
+    )
     if card["teacher"]["weights_source"] == "random":
         print("WARNING: teacher was RANDOM-INIT; these numbers test the pipeline only")
-    print(f"outputs: {run_dir}/history.jsonl, {run_dir}/accuracy.png, "
-          f"{run_dir}/final/model.pt, {run_dir}/final/model_card.md")
+    print(
+        f"outputs: {run_dir}/history.jsonl, {run_dir}/accuracy.png, "
+        f"{run_dir}/final/model.pt, {run_dir}/final/model_card.md"
+    )
     return 0
 
 

@@ -51,8 +51,9 @@ def to_student_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     x = x.div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return x.sub_(STUDENT_MEAN).div_(STUDENT_STD).contiguous()
 
 

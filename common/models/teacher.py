@@ -191,7 +191,12 @@ def load_teacher(cfg: TeacherConfig, **model_kwargs: Any) -> FrozenTeacher:
     """Build the frozen teacher named by `cfg` (extra kwargs go to timm)."""
     check_arch(cfg.arch, "teacher.arch")
     source, path = parse_weights_spec(cfg.weights)
-    model, takes_size = _build(cfg.arch, cfg.image_size, model_kwargs)
+    # Seeded init: a random-init teacher is then the same network in every
+    # process (so sites share it and its cached features); other sources
+    # overwrite these weights anyway.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, takes_size = _build(cfg.arch, cfg.image_size, model_kwargs)
     _check_image_size(model, cfg.arch, cfg.image_size)
     meta: dict = {}
     if source == "hub":

@@ -11,9 +11,13 @@ from tests.helpers import small_npz, tiny_config
 
 
 def _context(pid: int) -> Context:
-    return Context(run_id=1, node_id=pid + 1,
-                   node_config={"partition-id": pid, "num-partitions": 3},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=pid + 1,
+        node_config={"partition-id": pid, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _msg(kind: str, content: RecordDict) -> Message:
@@ -29,7 +33,8 @@ def _walk_reply(reply: Message, image_count: int) -> dict:
             arr = rec[key].numpy()
             assert arr.dtype != np.uint8, "uint8 arrays look like images"
             assert image_count not in arr.shape[:1] or arr.ndim == 1, (
-                f"{key} has one row per image: looks like data, not weights")
+                f"{key} has one row per image: looks like data, not weights"
+            )
             seen["arrays"].append(key)
     for rec in reply.content.metric_records.values():
         for key, value in rec.items():
@@ -48,8 +53,9 @@ def _walk_reply(reply: Message, image_count: int) -> dict:
 def test_replies_contain_only_student_head_and_scalars(pneumonia_npz, tmp_path, head):
     npz = small_npz(pneumonia_npz, tmp_path / "small.npz")
     cfg = tiny_config(npz, tmp_path, f"teacher.head={head}")
-    conf = ConfigRecord({"experiment": cfg.to_yaml(), "num-classes": 2,
-                         "server-round": 1})
+    conf = ConfigRecord(
+        {"experiment": cfg.to_yaml(), "num-classes": 2, "server-round": 1}
+    )
     ctx = _context(0)
 
     info = app(_msg(MessageType.QUERY, RecordDict({"config": conf})), ctx)
@@ -58,8 +64,9 @@ def test_replies_contain_only_student_head_and_scalars(pneumonia_npz, tmp_path, 
     _walk_reply(info, site["num-train"])
 
     arrays = pack(initial_arrays(cfg, 2, 1, 0))
-    reply = app(_msg(MessageType.TRAIN, RecordDict({"arrays": arrays, "config": conf})),
-                ctx)
+    reply = app(
+        _msg(MessageType.TRAIN, RecordDict({"arrays": arrays, "config": conf})), ctx
+    )
     seen = _walk_reply(reply, site["num-train"])
     has_head = any(k.startswith("head.") for k in seen["arrays"])
     assert has_head == (head == "federated")
@@ -68,8 +75,13 @@ def test_replies_contain_only_student_head_and_scalars(pneumonia_npz, tmp_path, 
         k for k in reply.content["arrays"].keys() if k.startswith("head.")
     } == set(arrays.keys())
 
-    ev = app(_msg(MessageType.EVALUATE,
-                  RecordDict({"arrays": reply.content["arrays"], "config": conf})), ctx)
+    ev = app(
+        _msg(
+            MessageType.EVALUATE,
+            RecordDict({"arrays": reply.content["arrays"], "config": conf}),
+        ),
+        ctx,
+    )
     seen = _walk_reply(ev, site["num-test"])
     assert seen["arrays"] == []
     assert {"acc", "loss", "num-examples", "teacher_acc"} <= set(seen["metrics"])
@@ -79,4 +91,6 @@ def test_missing_experiment_config_is_an_error_reply(tmp_path):
     from common.errors import MessageError
 
     with pytest.raises(MessageError, match="experiment"):
-        app(_msg(MessageType.QUERY, RecordDict({"config": ConfigRecord()})), _context(0))
+        app(
+            _msg(MessageType.QUERY, RecordDict({"config": ConfigRecord()})), _context(0)
+        )

@@ -2,7 +2,12 @@
 
 import pytest
 
-from common.config import config_from_dict, load_config, parse_overrides, split_overrides
+from common.config import (
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    split_overrides,
+)
 from common.errors import ConfigError
 
 
@@ -15,8 +20,15 @@ def test_defaults_match_the_documented_experiment():
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(None, ["federation.rounds=3", "distill.alpha=0.25",
-                             "teacher.weights=file:/x/y.pth", "train.augment=false"])
+    cfg = load_config(
+        None,
+        [
+            "federation.rounds=3",
+            "distill.alpha=0.25",
+            "teacher.weights=file:/x/y.pth",
+            "train.augment=false",
+        ],
+    )
     assert cfg.federation.rounds == 3
     assert cfg.distill.alpha == 0.25
     assert cfg.teacher.weights == "file:/x/y.pth"

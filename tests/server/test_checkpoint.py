@@ -27,7 +27,9 @@ def test_interrupted_write_keeps_previous_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(tmp_path, 2, {"student.w": np.zeros(4, np.float32)}, {})
+        checkpoint.save_checkpoint(
+            tmp_path, 2, {"student.w": np.zeros(4, np.float32)}, {}
+        )
     monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
     ck = checkpoint.load_checkpoint(tmp_path)
     assert ck["round"] == 1

@@ -2,7 +2,13 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from common.config import load_config
 from common.serialization import pack
@@ -10,13 +16,18 @@ from server.strategy import build_strategy
 
 
 def _reply(arrays: dict, n: int, name: str, node: int = 1) -> Message:
-    out = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
-                  message_type=MessageType.TRAIN)
-    content = RecordDict({
-        "arrays": pack(arrays),
-        "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
-        "site": ConfigRecord({"name": name}),
-    })
+    out = Message(
+        RecordDict({"config": ConfigRecord()}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
+    content = RecordDict(
+        {
+            "arrays": pack(arrays),
+            "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
+            "site": ConfigRecord({"name": name}),
+        }
+    )
     return Message(content, reply_to=out)
 
 
@@ -32,10 +43,15 @@ def test_fedavg_equals_weighted_np_average():
     ws = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(3)]
     ns = [10, 30, 60]
     strat = _strategy("federation.norm_outlier_factor=0")
-    agg, _ = strat.aggregate_train(1, [_reply({"student.w": w}, n, f"s{i}")
-                                       for i, (w, n) in enumerate(zip(ws, ns))])
-    np.testing.assert_allclose(agg["student.w"].numpy(),
-                               np.average(np.stack(ws), axis=0, weights=ns), rtol=1e-6)
+    agg, _ = strat.aggregate_train(
+        1,
+        [_reply({"student.w": w}, n, f"s{i}") for i, (w, n) in enumerate(zip(ws, ns))],
+    )
+    np.testing.assert_allclose(
+        agg["student.w"].numpy(),
+        np.average(np.stack(ws), axis=0, weights=ns),
+        rtol=1e-6,
+    )
 
 
 def test_fp16_replies_are_upcast_before_averaging():
@@ -53,7 +69,9 @@ def test_fp16_replies_are_upcast_before_averaging():
 
 
 def test_nan_update_is_rejected_and_recorded():
-    good = [_reply({"student.w": np.ones((3, 2), np.float32)}, 5, f"s{i}") for i in range(2)]
+    good = [
+        _reply({"student.w": np.ones((3, 2), np.float32)}, 5, f"s{i}") for i in range(2)
+    ]
     bad = _reply({"student.w": np.full((3, 2), np.nan, np.float32)}, 5, "poison")
     strat = _strategy()
     agg, _ = strat.aggregate_train(1, good + [bad])
@@ -62,8 +80,10 @@ def test_nan_update_is_rejected_and_recorded():
 
 
 def test_norm_outlier_is_rejected():
-    replies = [_reply({"student.w": np.full((3, 2), 0.1 * (i + 1), np.float32)}, 5, f"s{i}")
-               for i in range(3)]
+    replies = [
+        _reply({"student.w": np.full((3, 2), 0.1 * (i + 1), np.float32)}, 5, f"s{i}")
+        for i in range(3)
+    ]
     replies.append(_reply({"student.w": np.full((3, 2), 1e4, np.float32)}, 5, "huge"))
     strat = _strategy("federation.norm_outlier_factor=10")
     agg, _ = strat.aggregate_train(1, replies)
@@ -90,8 +110,10 @@ def test_pack_refuses_non_model_arrays():
 @pytest.mark.parametrize("name", ["fedprox", "fedmedian", "fedtrimmedavg", "krum"])
 def test_robust_strategies_build_and_aggregate(name):
     strat = _strategy(f"federation.strategy={name}", "federation.norm_outlier_factor=0")
-    replies = [_reply({"student.w": np.full((3, 2), v, np.float32)}, 5, f"s{v}")
-               for v in (1.0, 2.0, 3.0, 100.0)]
+    replies = [
+        _reply({"student.w": np.full((3, 2), v, np.float32)}, 5, f"s{v}")
+        for v in (1.0, 2.0, 3.0, 100.0)
+    ]
     agg, _ = strat.aggregate_train(1, replies)
     assert agg is not None
     if name in ("fedmedian", "krum"):

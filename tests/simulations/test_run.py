@@ -10,11 +10,20 @@ from tests.helpers import TINY_TEACHER, small_npz
 
 
 def _args(npz, tmp_path, *extra):
-    sets = [f"data.source=npz:{npz}", "data.image_size=28",
-            f"data.cache_dir={tmp_path}/cache", *TINY_TEACHER,
-            f"teacher.cache_dir={tmp_path}/tcache", "student.arch=fedkd_cnn_tiny",
-            "partition.sites=3", "partition.alpha=1.0", "partition.min_site_size=5",
-            "federation.rounds=2", f"run.out_dir={tmp_path}/run", *extra]
+    sets = [
+        f"data.source=npz:{npz}",
+        "data.image_size=28",
+        f"data.cache_dir={tmp_path}/cache",
+        *TINY_TEACHER,
+        f"teacher.cache_dir={tmp_path}/tcache",
+        "student.arch=fedkd_cnn_tiny",
+        "partition.sites=3",
+        "partition.alpha=1.0",
+        "partition.min_site_size=5",
+        "federation.rounds=2",
+        f"run.out_dir={tmp_path}/run",
+        *extra,
+    ]
     return [x for s in sets for x in ("--set", s)]
 
 

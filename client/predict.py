@@ -1,0 +1,432 @@
+"""Predict with a distilled student: images, folders or MedMNIST-style .npz -> CSV.
+
+    python -m client.predict --model RUN_DIR_OR_MODEL_PT INPUT... [--out preds.csv]
+
+INPUT is any mix of image files (PNG, JPEG, ...), folders (searched recursively,
+files in sorted order) and MedMNIST-layout .npz files (`--npz-split`, default
+test; rows are named `file.npz#test[i]`). The CSV (stdout unless --out) has one
+row per image: path, predicted label, and `p_<label>` per class.
+
+Images are decoded and resized exactly as the sites decoded them for training:
+the stored preprocessing (`final/model.pt`) is read, never re-declared here.
+
+Exit status: 0 when at least one image was predicted (unreadable images are
+skipped and listed on stderr), 1 when no image could be predicted, 2 when the
+model or the arguments are unusable (one-line error; --debug shows the trace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import pickle
+import sys
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from common.data.folder import IMAGE_SUFFIXES
+from common.data.folder import _decode as decode_as_training  # the sites' decoder
+from common.data.types import resize_images
+from common.data.views import STUDENT_MEAN, STUDENT_STD, decode_size, to_student_tensor
+from common.errors import CheckpointError, DataError, FedKDError
+from common.models.student import create_student
+from server.model_card import MODEL_FORMAT
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("arch", "num_classes", "in_chans", "classes", "preprocess",
+                 "state_dict")
+RESIZE = "bilinear-antialias"  # what to_student_tensor implements
+NPZ_SPLITS = ("train", "val", "test")
+EXIT_OK, EXIT_NONE_PREDICTED, EXIT_ERROR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What inference needs to know about a saved student, read from its file."""
+
+    path: Path                 # the model file it was loaded from
+    arch: str                  # timm name or fedkd_cnn_*
+    classes: tuple[str, ...]   # label names; index = class id
+    in_chans: int              # 1 = grayscale ("L"), 3 = RGB
+    image_size: int            # the student's input side (preprocess.image_size)
+    decode_size: int           # side files are decoded at before the student resize,
+    #                            as on the sites: max(student, teacher image size)
+    mean: float                # normalisation: (x / 255 - mean) / std
+    std: float
+    preprocess: dict[str, Any]  # the stored preprocess block, verbatim
+    teacher: dict[str, Any] = field(default_factory=dict)  # as in the model card
+
+    @property
+    def pil_mode(self) -> str:
+        """PIL mode images are converted to before resizing."""
+        return "L" if self.in_chans == 1 else "RGB"
+
+
+@dataclass
+class Skipped:
+    """An input that produced no prediction, and why."""
+
+    name: str
+    reason: str
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The model file for a run folder, its final/ folder, or a model file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for cand in (p / "final" / "model.pt", p / "model.pt"):
+            if cand.is_file():
+                return cand
+        raise CheckpointError(
+            f"no final model in {p}: expected {p / 'final' / 'model.pt'}; pass a run "
+            "folder whose federation finished, or the model.pt file itself"
+        )
+    if not p.is_file():
+        raise CheckpointError(
+            f"model not found: {p}; pass a run folder or its final/model.pt"
+        )
+    return p
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The dict saved by server.model_card.save_student, checked for its format."""
+    try:
+        # weights_only: a model file from elsewhere must not run code on load.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # its message is about torch versions
+        raise CheckpointError(
+            f"{path} is not a model file (not torch-saved tensors and plain data); "
+            "pass final/model.pt of a finished run"
+        ) from err
+    except Exception as err:  # torch raises many types for a non-checkpoint file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path} is not a readable model file ({type(err).__name__}: "
+            f"{first[:160]}); pass final/model.pt of a finished run"
+        ) from err
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != MODEL_FORMAT:
+        raise CheckpointError(
+            f"{path} has format {fmt!r}, expected {MODEL_FORMAT!r}; pass "
+            "final/model.pt of a run (round checkpoints are not deployable models)"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} lacks keys {missing}; the file is incomplete")
+    return payload
+
+
+def _teacher_image_size(payload: dict[str, Any]) -> int | None:
+    """The teacher's input side the sites decoded for (teacher block or config)."""
+    size = (payload.get("teacher") or {}).get("image_size")
+    if size is None and payload.get("config_yaml"):
+        cfg = yaml.safe_load(payload["config_yaml"]) or {}
+        size = (cfg.get("teacher") or {}).get("image_size")
+    return int(size) if size is not None else None
+
+
+def _meta(path: Path, payload: dict[str, Any]) -> ModelMeta:
+    """Check the stored preprocessing is the one this code implements; build meta."""
+    pre = dict(payload["preprocess"])
+    mean, std = pre.get("mean"), pre.get("std")
+    # One implementation of the student's input (to_student_tensor): refuse a file
+    # whose recorded preprocessing it does not reproduce rather than guess.
+    if (mean, std, pre.get("resize")) != (STUDENT_MEAN, STUDENT_STD, RESIZE):
+        raise CheckpointError(
+            f"{path} records preprocessing mean={mean}, std={std}, "
+            f"resize={pre.get('resize')!r}; this code implements mean={STUDENT_MEAN}, "
+            f"std={STUDENT_STD}, resize={RESIZE!r}: use the fedkd version that "
+            "trained the model"
+        )
+    size = int(pre["image_size"])
+    in_chans = int(payload["in_chans"])
+    if int(pre.get("channels", in_chans)) != in_chans:
+        raise CheckpointError(
+            f"{path}: preprocess.channels={pre.get('channels')} but in_chans="
+            f"{in_chans}; the file is inconsistent, re-export it from the run"
+        )
+    teacher_size = _teacher_image_size(payload)
+    classes = tuple(str(c) for c in payload["classes"])
+    if len(classes) != int(payload["num_classes"]):
+        raise CheckpointError(
+            f"{path}: {len(classes)} class names for num_classes="
+            f"{payload['num_classes']}; the file is inconsistent"
+        )
+    return ModelMeta(
+        path=path,
+        arch=str(payload["arch"]),
+        classes=classes,
+        in_chans=in_chans,
+        image_size=size,
+        decode_size=decode_size(size, teacher_size) if teacher_size else size,
+        mean=float(mean),
+        std=float(std),
+        preprocess=pre,
+        teacher=dict(payload.get("teacher") or {}),
+    )
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
+    """The student in eval mode on CPU and its metadata, from a run folder or file."""
+    model_path = resolve_model_path(path)
+    payload = _read_payload(model_path)
+    meta = _meta(model_path, payload)
+    model = create_student(meta.arch, len(meta.classes), meta.in_chans)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{model_path}: weights do not fit student.arch={meta.arch!r} "
+            f"({str(err).splitlines()[0][:160]}); the file is corrupt or mislabelled"
+        ) from err
+    model.eval()
+    log.info("loaded %s (%s, %d classes, %dpx, %d channel(s))", model_path,
+             meta.arch, len(meta.classes), meta.image_size, meta.in_chans)
+    return model, meta
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NHWC images with `channels` channels (PIL's RGB->L weights for gray)."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    if have == 3 and channels == 1:
+        return np.stack([np.asarray(Image.fromarray(im).convert("L"))[..., None]
+                         for im in images])
+    raise DataError(f"images have {have} channels; the model takes {channels}")
+
+
+@torch.inference_mode()
+def predict_images(model: nn.Module, meta: ModelMeta, images: np.ndarray,
+                   batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, K) float32 for uint8 NHWC images of any size."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(
+            f"images must be uint8 (N, H, W[, C]); got {images.dtype} {images.shape}"
+        )
+    if images.ndim == 3:
+        images = images[..., None]
+    images = match_channels(images, meta.in_chans)
+    out = np.empty((len(images), len(meta.classes)), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        x = to_student_tensor(images[start:start + batch_size], meta.image_size)
+        out[start:start + len(x)] = torch.softmax(model(x).float(), dim=1).numpy()
+    return out
+
+
+def decode_image(path: Path, meta: ModelMeta) -> np.ndarray:
+    """One image file as uint8 (decode_size, decode_size, C), decoded as for training.
+
+    Raises DataError naming the file when it cannot be read.
+    """
+    try:
+        return decode_as_training(Path(path), meta.decode_size, meta.pil_mode)
+    except DataError as err:  # reword: the training decoder's advice is for training
+        cause = err.__cause__ or err
+        raise DataError(
+            f"cannot read image {path} ({type(cause).__name__}: {cause})"
+        ) from err
+
+
+def load_npz_images(path: Path, split: str, meta: ModelMeta) -> np.ndarray:
+    """`<split>_images` of a MedMNIST-layout .npz as uint8 NHWC at decode size."""
+    key = f"{split}_images"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z.files:
+                raise DataError(f"{path} has no key '{key}' (keys: {z.files}); "
+                                "pick another --npz-split")
+            images = z[key]
+    except (OSError, ValueError, EOFError, TypeError, AttributeError,
+            zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{path} is not a readable .npz ({type(err).__name__}: "
+                        f"{err}); re-create it with np.savez") from err
+    if images.dtype != np.uint8 or not (
+        images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+    ):
+        raise DataError(f"{path}: '{key}' is {images.dtype} {images.shape}; expected "
+                        "uint8 (N, H, W) or (N, H, W, 1|3)")
+    if images.ndim == 3:
+        images = images[..., None]
+    # The sites resize npz images to the decode size with this same function.
+    return resize_images(match_channels(images, meta.in_chans), meta.decode_size)
+
+
+@dataclass
+class Inputs:
+    """Everything to predict, in order: (row name, loader of one HWC image)."""
+
+    items: list[tuple[str, Callable[[], np.ndarray]]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def collect_inputs(args: list[str | Path], meta: ModelMeta,
+                   npz_split: str = "test") -> Inputs:
+    """Expand files, folders (recursive, sorted) and .npz files into row loaders."""
+    out = Inputs()
+
+    def add_file(p: Path) -> None:
+        out.items.append((str(p), lambda p=p: decode_image(p, meta)))
+
+    for arg in args:
+        p = Path(arg).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                out.skipped.append(Skipped(str(p), "folder has no image files "
+                                           f"({', '.join(IMAGE_SUFFIXES)})"))
+            for f in files:
+                add_file(f)
+        elif not p.exists():
+            out.skipped.append(Skipped(str(p), "no such file or folder"))
+        elif p.suffix.lower() == ".npz":
+            try:
+                arr = load_npz_images(p, npz_split, meta)
+            except DataError as err:
+                out.skipped.append(Skipped(str(p), str(err)))
+                continue
+            for i in range(len(arr)):
+                out.items.append((f"{p}#{npz_split}[{i}]", lambda a=arr, i=i: a[i]))
+        else:
+            add_file(p)  # any other file: let the decoder say whether it is an image
+    return out
+
+
+def _load(item: tuple[str, Callable[[], np.ndarray]]) -> np.ndarray | Skipped:
+    name, loader = item
+    try:
+        return loader()
+    except DataError as err:
+        return Skipped(name, str(err))
+
+
+def iter_predictions(model: nn.Module, meta: ModelMeta, inputs: Inputs,
+                     batch_size: int = 64, workers: int = 4
+                     ) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (row names, probabilities) batch by batch; bad images go to skipped."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL frees the GIL
+        for start in range(0, len(inputs.items), batch_size):
+            batch = inputs.items[start:start + batch_size]
+            names, images = [], []
+            for (name, _), img in zip(batch, pool.map(_load, batch), strict=True):
+                if isinstance(img, Skipped):
+                    log.warning("skipping %s: %s", img.name, img.reason)
+                    inputs.skipped.append(img)
+                else:
+                    names.append(name)
+                    images.append(img)
+            probs = (predict_images(model, meta, np.stack(images), batch_size)
+                     if images else np.empty((0, len(meta.classes)), np.float32))
+            yield names, probs
+
+
+def csv_header(meta: ModelMeta) -> list[str]:
+    """CSV columns: path, predicted label, then p_<label> per class."""
+    return ["path", "label", *(f"p_{c}" for c in meta.classes)]
+
+
+def _rows(names: list[str], probs: np.ndarray, meta: ModelMeta) -> Iterator[list]:
+    for name, p in zip(names, probs, strict=True):
+        yield [name, meta.classes[int(p.argmax())], *(f"{v:.6f}" for v in p)]
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m client.predict",
+        description="Predict with a distilled student; writes one CSV row per image.",
+        epilog="Exit status: 0 if any image was predicted (unreadable ones are "
+               "listed on stderr), 1 if none, 2 if the model or arguments are "
+               "unusable.",
+    )
+    ap.add_argument("--model", required=True,
+                    help="run folder (uses final/model.pt) or a model.pt file")
+    ap.add_argument("inputs", nargs="+",
+                    help="image files, folders (recursive) and .npz files")
+    ap.add_argument("--out", help="CSV file to write (default: stdout)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--npz-split", choices=NPZ_SPLITS, default="test",
+                    help="which <split>_images of .npz inputs to predict")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    ap.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error(f"--batch-size={args.batch_size}; use a positive integer")
+    return args
+
+
+def _write(out: TextIO, model: nn.Module, meta: ModelMeta, inputs: Inputs,
+           args: argparse.Namespace) -> int:
+    """Stream predictions as CSV rows into `out`; return how many were written."""
+    from tqdm import tqdm
+
+    writer = csv.writer(out)
+    writer.writerow(csv_header(meta))
+    n = 0
+    large = len(inputs.items) > args.batch_size
+    show = large and not args.quiet and sys.stderr.isatty()
+    with tqdm(total=len(inputs.items), unit="img", disable=not show,
+              file=sys.stderr) as bar:
+        for names, probs in iter_predictions(model, meta, inputs, args.batch_size):
+            writer.writerows(_rows(names, probs, meta))
+            n += len(names)
+            bar.update(min(args.batch_size, bar.total - bar.n))  # skipped count too
+    return n
+
+
+def _run(args: argparse.Namespace) -> int:
+    model, meta = load_model(args.model)
+    inputs = collect_inputs(args.inputs, meta, args.npz_split)
+    if args.out:
+        out_path = Path(args.out)
+        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                n = _write(fh, model, meta, inputs, args)
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        n = _write(sys.stdout, model, meta, inputs, args)
+    for s in inputs.skipped:
+        print(f"skipped {s.name}: {s.reason}", file=sys.stderr)
+    if not args.quiet:
+        dest = args.out or "stdout"
+        print(f"predicted {n} image(s) with {meta.path} -> {dest}; "
+              f"skipped {len(inputs.skipped)}", file=sys.stderr)
+    return EXIT_OK if n else EXIT_NONE_PREDICTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except FedKDError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

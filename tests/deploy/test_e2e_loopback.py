@@ -1,0 +1,185 @@
+"""End-to-end on loopback: SuperLink + 2 SuperNodes, TLS and SuperNode auth on.
+
+One federation (module fixture) serves all tests: the throwaway 2-parameter
+FedAvg app, the project's real app, and the negative tests (unregistered key,
+missing CA). Every process is killed by process group on teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy import credentials
+from tests.deploy import harness as h
+
+REPO = Path(__file__).resolve().parents[2]
+PNEUMONIA = REPO.parent / "shared" / "data" / "pneumoniamnist_balanced.npz"
+SITES = ["hospital-a", "hospital-b"]
+RUN_TIMEOUT = 900  # hard cap per federated run (seconds; 2 busy CPU cores)
+
+pytestmark = pytest.mark.skipif(
+    not PNEUMONIA.is_file(),
+    reason=f"shared data {PNEUMONIA} absent: the e2e test needs real site data",
+)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    procs = h.Procs()
+    try:
+        h.write_npz_halves(PNEUMONIA, root / "hospital-a.npz",
+                           root / "hospital-b.npz")
+        federation = h.start_federation(root, procs, SITES)
+        credentials.create_supernode_keys(federation.creds, "intruder")
+        for site in SITES:
+            federation.register(site)
+        for site in SITES:
+            federation.start_supernode(site, f"npz:{root / (site + '.npz')}")
+        federation.wait_online(2, timeout=90)
+        yield federation
+    except Exception:
+        print(h.dump_logs(procs))
+        raise
+    finally:
+        procs.stop_all()
+
+
+def _fail_with_logs(fed: h.Federation, msg: str) -> None:
+    pytest.fail(f"{msg}\n{h.dump_logs(fed.procs)}")
+
+
+@pytest.mark.slow
+def test_tiny_app_two_rounds_over_tls(fed, tmp_path):
+    app = h.make_tiny_app(tmp_path)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    run_id = fed.run(app, f'num-rounds=2 out-dir="{out}"')
+    try:
+        status = fed.wait_run(run_id, RUN_TIMEOUT)
+    except TimeoutError as err:
+        _fail_with_logs(fed, str(err))
+    wall = time.monotonic() - t0
+    assert status["status"] == "finished:completed", status
+    done = json.loads((out / "done.json").read_text())
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in history] == [1, 2]
+    # both sites' data moved the weights (the mean of a uint8 image set > 0)
+    assert all(w > 0 for w in done["weights"])
+    assert (out / "checkpoints" / "latest.npy").is_file()
+    print(f"tiny app: 2 rounds, serverapp {status['elapsed']:.1f}s, "
+          f"wall {wall:.1f}s, {status['network-traffic']['total-bytes']} B")
+
+
+def _real_app_ready() -> str | None:
+    for rel in ("server/app.py", "client/app.py", "common/config.py"):
+        if not (REPO / rel).is_file():
+            return f"{rel} not written yet"
+    return None
+
+
+@pytest.mark.slow
+def test_real_app_two_rounds_over_tls(fed, tmp_path):
+    why = _real_app_ready()
+    if why:
+        pytest.skip(why)
+    app = h.copy_real_app(tmp_path)
+    out = tmp_path / "run"
+    overrides = ";".join([
+        "federation.rounds=2", "teacher.weights=random",
+        "teacher.arch=vit_tiny_patch16_224", "teacher.image_size=32",
+        "student.arch=fedkd_cnn_tiny", "data.image_size=28",
+        f"run.out_dir={out}",
+    ])
+    t0 = time.monotonic()
+    run_id = fed.run(app, f'overrides="{overrides}"')
+    try:
+        status = fed.wait_run(run_id, RUN_TIMEOUT)
+    except TimeoutError as err:
+        _fail_with_logs(fed, str(err))
+    wall = time.monotonic() - t0
+    if status["status"] != "finished:completed":
+        _fail_with_logs(fed, f"run ended {status}")
+    ckpt = out / "checkpoints"
+    assert (ckpt / "round-0002.pt").is_file(), sorted(p.name for p in ckpt.iterdir())
+    assert (ckpt / "latest.pt").is_file()
+    rows = [json.loads(line) for line in
+            (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    assert rows, "empty history.jsonl"
+    assert (out / "final").is_dir()
+    print(f"real app: 2 rounds, serverapp {status['elapsed']:.1f}s, wall "
+          f"{wall:.1f}s, {status['network-traffic']['total-bytes']} B; "
+          f"history rows: {len(rows)}; seconds per round: "
+          f"{[round(float(r.get('seconds', 0)), 1) for r in rows]}")
+
+
+def test_unregistered_supernode_is_refused(fed, tmp_path):
+    data = tmp_path / "x.npz"
+    data.write_bytes(b"not read")  # the node never gets to run the ClientApp
+    proc = fed.start_supernode("intruder", f"npz:{data}", max_retries=1)
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        _fail_with_logs(fed, "unregistered SuperNode kept running")
+    node_log = fed.procs.log("supernode-intruder")
+    assert rc != 0
+    assert "Failed to activate SuperNode" in node_log, node_log
+    assert "Receiving" not in node_log  # it never pulled a message
+    assert "No SuperNode found with the given public key" in fed.procs.log(
+        "superlink")
+    assert len(fed.nodes()) == len(SITES)
+
+
+def test_supernode_without_ca_cannot_connect(fed, tmp_path):
+    # A registered key, but the node does not trust the federation CA.
+    credentials.create_supernode_keys(fed.creds, "no-ca")
+    fed.register("no-ca")
+    data = tmp_path / "x.npz"
+    data.write_bytes(b"not read")
+    proc = fed.start_supernode("no-ca", f"npz:{data}", ca=False, max_retries=1)
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        _fail_with_logs(fed, "SuperNode without CA kept running")
+    node_log = fed.procs.log("supernode-no-ca")
+    assert rc != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in node_log, node_log
+    statuses = {n["node-id"]: n["status"] for n in fed.nodes()}
+    assert sum(s == "online" for s in statuses.values()) == len(SITES)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_launcher_refuses_insecure_superlink(tmp_path):
+    port = h.free_port()
+    res = subprocess.run(
+        [sys.executable, "-m", "deploy.launch", "superlink", "--state",
+         str(tmp_path), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "--i-understand-this-is-insecure" in res.stderr
+    assert not _port_open(port)
+
+
+def test_flower_refuses_node_auth_without_tls(tmp_path):
+    """Flower itself: --enable-supernode-auth with --insecure does not start."""
+    port = h.free_port()
+    env = h.launch.launch_env(tmp_path / "home")
+    res = subprocess.run(
+        [str(h.BIN / "flower-superlink"), "--insecure", "--enable-supernode-auth",
+         "--port", str(port), "--database", str(tmp_path / "s.db")],
+        env=env, capture_output=True, text=True, timeout=60,
+        start_new_session=True)
+    assert res.returncode != 0
+    assert "requires encrypted TLS" in res.stdout + res.stderr

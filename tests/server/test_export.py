@@ -1,0 +1,147 @@
+"""Exports reproduce PyTorch and carry their labels; the model card tells the truth."""
+
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from client import predict
+from common.config import load_config
+from common.errors import ModelError
+from server import export, model_card
+from tests.client.test_predict import br35h_jpegs, image_folder, write_student
+
+
+def load_export(path, fmt):
+    """(run(x) -> probs, labels) of an exported file, loaded as a hospital would."""
+    if fmt == "torchscript":
+        extra = {"labels.json": ""}
+        module = torch.jit.load(str(path), _extra_files=extra)
+        return (lambda x: module(x).detach().numpy()), json.loads(extra["labels.json"])
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    labels = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
+    return (lambda x: session.run(None, {"images": x.numpy()})[0]), labels
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_round_trip_matches_pytorch(tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    run = write_student(tmp_path / "run", image_size=32, teacher_image_size=56)
+    images = image_folder(tmp_path / "images")
+    out = tmp_path / f"exported.{fmt}"
+
+    res = export.export_model(run, fmt, out, check_images=[images])
+
+    assert res.path == out and res.checked == 3 + 4 and res.max_abs_diff <= 1e-4
+    run_export, labels = load_export(out, fmt)
+    assert labels == ["no", "yes"]
+    model, meta = predict.load_model(run)
+    decoded = np.stack([predict.decode_image(p, meta)
+                        for p in sorted(images.rglob("*.jpg"))])
+    got = run_export(export.unit_images(decoded, meta))
+    np.testing.assert_allclose(got, predict.predict_images(model, meta, decoded),
+                               atol=1e-4)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    side = json.loads(res.sidecar.read_text())
+    assert side["labels"] == ["no", "yes"] and side["check"]["max_abs_diff"] <= 1e-4
+    assert side["input"]["height"] == 32 and side["input"]["channels"] == 1
+    assert side["preprocess"]["mean"] == 0.5 and side["preprocess"]["decode_size"] == 56
+
+
+def test_cli_writes_next_to_the_model_and_reports_the_diff(tmp_path, capsys):
+    run = write_student(tmp_path / "run")
+
+    rc = export.main([str(run), "--format", "torchscript"])
+
+    assert rc == 0
+    assert (run / "final" / "model.torchscript.pt").is_file()
+    assert (run / "final" / "model.torchscript.pt.json").is_file()
+    assert "max abs diff" in capsys.readouterr().out
+
+
+def test_export_that_disagrees_with_pytorch_fails_loudly(tmp_path):
+    model_a, meta = predict.load_model(write_student(tmp_path / "a", seed=0))
+    model_b, _ = predict.load_model(write_student(tmp_path / "b", seed=1))
+    x = torch.rand(4, 1, 32, 32)
+    wrapper_a = export.ExportWrapper(model_a, meta.mean, meta.std).eval()
+    wrapper_b = export.ExportWrapper(model_b, meta.mean, meta.std).eval()
+    info = export.describe(meta, "torchscript", tmp_path / "m.pt")
+    blob = export.to_torchscript(wrapper_a, x, info)
+
+    assert export.check_export(blob, "torchscript", wrapper_a, x, ["no", "yes"]) <= 1e-4
+    with pytest.raises(ModelError, match="differs from PyTorch"):
+        export.check_export(blob, "torchscript", wrapper_b, x, ["no", "yes"])
+
+
+def test_missing_onnx_tooling_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    run = write_student(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` fail
+
+    with pytest.raises(ModelError, match=r"pip install onnx onnxruntime"):
+        export.export_model(run, "onnx")
+    rc = export.main([str(run), "--format", "onnx"])
+
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "[export]" in err
+    assert not (run / "final" / "model.onnx").exists()
+
+
+# The model card lives in server/model_card.py; its test sits here with the other
+# deliverables handed to the hospitals.
+def _card(tmp_path, weights_source):
+    cfg = load_config(None, ["data.source=br35h", "federation.rounds=7",
+                             "federation.strategy=fedprox"])
+    sites = [{"name": "site-0", "num-train": 120, "num-labelled": 60, "num-test": 30},
+             {"name": "site-1", "num-train": 80, "num-labelled": 40, "num-test": 20}]
+    teacher = {"arch": "vit_small_patch14_dinov2.lvd142m",
+               "weights_source": weights_source, "weights_spec": weights_source,
+               "image_size": 224, "head": "local"}
+    metrics = {"global_acc": 0.8125, "site_mean_acc": 0.75,
+               "per_site": {"site-0": {"eval/acc": 0.7, "eval/auc": 0.71},
+                            "site-1": {"eval/acc": 0.8, "eval/auc": 0.83}}}
+    card = model_card.build_card(cfg, classes=["no", "yes"], site_infos=sites,
+                                 rounds_done=7, final_metrics=metrics,
+                                 teacher=teacher, params=80_000)
+    model_card.write_card(tmp_path, card)
+    return (json.loads((tmp_path / "model_card.json").read_text()),
+            (tmp_path / "model_card.md").read_text())
+
+
+@pytest.mark.parametrize("weights_source", ["random", "proxy", "hub"])
+def test_model_card_states_data_method_teacher_metrics_and_use(tmp_path,
+                                                               weights_source):
+    card, md = _card(tmp_path, weights_source)
+
+    assert card["data"]["source"] == "br35h"
+    assert [s["name"] for s in card["data"]["sites"]] == ["site-0", "site-1"]
+    assert card["method"]["rounds"] == 7 and card["method"]["strategy"] == "fedprox"
+    assert card["teacher"]["weights_source"] == weights_source
+    assert card["metrics"]["global_acc"] == 0.8125
+    assert "NOT a medical device" in card["intended_use"]
+    head = md.split("\n## ", 1)[0]  # prominent: above the first section
+    assert (model_card.RANDOM_BANNER in head) == (weights_source == "random")
+    assert (model_card.PROXY_BANNER in head) == (weights_source == "proxy")
+    assert "Not a medical device" in head
+    assert "`vit_small_patch14_dinov2.lvd142m`" in md
+    assert f"weights source: **{weights_source}**" in md
+    assert "rounds: 7" in md and "fedprox" in md
+    assert "`br35h`" in md and "| site-0 | 120 | 60 | 30 |" in md
+    assert "| global_acc | 0.8125 |" in md
+    assert "| site-1 | 0.8000 | 0.8300 |" in md
+
+
+def test_exported_labels_follow_the_model_file(tmp_path):
+    run = write_student(tmp_path / "run", classes=("a", "b", "c"), channels=3)
+    jpeg = br35h_jpegs(1)["yes"][0]
+
+    res = export.export_model(run, "torchscript", check_images=[jpeg])
+
+    extra = {"labels.json": "", "preprocess.json": ""}
+    torch.jit.load(io.BytesIO(res.path.read_bytes()), _extra_files=extra)
+    assert json.loads(extra["labels.json"]) == ["a", "b", "c"]
+    assert json.loads(extra["preprocess.json"])["input"]["channels"] == 3
