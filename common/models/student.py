@@ -53,8 +53,19 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     )
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    # GroupNorm by default: it keeps no running statistics, so averaging
+    # weights across sites with different label and scanner mixes does not
+    # average incompatible batch statistics (the FedAvg+BatchNorm failure mode).
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ModelError(f"fedkd_cnn norm={kind!r}; use 'group' or 'batch'")
+
+
 class FedKDCNN(nn.Module):
-    """Plain conv-BN-ReLU stages with stride-2 downsampling and global average pool."""
+    """Plain conv-norm-ReLU stages with stride-2 downsampling and global average pool."""
 
     def __init__(
         self,
@@ -64,6 +75,7 @@ class FedKDCNN(nn.Module):
         strides: tuple[int, ...] = (1, 2, 2, 2),
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        norm: str = "group",
         **kwargs,
     ) -> None:
         super().__init__()
@@ -83,7 +95,7 @@ class FedKDCNN(nn.Module):
             layers.append(
                 nn.Sequential(
                     nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm2d(cout),
+                    _norm(norm, cout),
                     nn.ReLU(inplace=True),
                 )
             )

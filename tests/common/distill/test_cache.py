@@ -6,6 +6,7 @@ import json
 import logging
 
 import numpy as np
+import torch
 import pytest
 
 from common.config import TeacherConfig
@@ -154,4 +155,10 @@ def test_cache_key_tracks_view_and_weights():
 
     assert k1 == teacher_cache_key(t1, 0) and k1.startswith("vit_small_patch14")
     assert teacher_cache_key(t1, 1) != k1
-    assert teacher_cache_key(t2, 0) != k1  # different random weights
+    # Random init is seeded: every process builds the same random teacher ...
+    assert teacher_cache_key(t2, 0) == k1
+    # ... and any change to the weights changes the key.
+    t3 = load_teacher(cfg, **TINY)
+    with torch.no_grad():
+        next(t3.model.parameters()).add_(1.0)
+    assert teacher_cache_key(t3, 0) != k1
