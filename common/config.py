@@ -158,6 +158,8 @@ class RunConfig:
     overwrite: bool = False
     # evaluate the global model on the held-out global test set each round
     global_eval: bool = True
+    # ray: Flower's Simulation Engine | inprocess: all sites in this process
+    engine: str = "ray"
 
 
 @dataclass
@@ -197,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "federation.transfer_dtype": ("float32", "float16"),
     "train.optimizer": ("sgd", "adam"),
+    "run.engine": ("ray", "inprocess"),
 }
 
 _SOURCE_RE = re.compile(

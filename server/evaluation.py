@@ -28,9 +28,11 @@ class GlobalEvaluator:
         x: torch.Tensor,
         y: torch.Tensor,
         channels: int,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.cfg, self.classes, self.x, self.y = cfg, classes, x, y
         self.channels = channels
+        self.val = val
 
     @classmethod
     def maybe(cls, cfg: ExperimentConfig, classes: list[str]) -> GlobalEvaluator | None:
@@ -63,16 +65,32 @@ class GlobalEvaluator:
             )
             return None
         x = to_student_tensor(ds.test.images, cfg.data.image_size)
+        val = None
+        if len(ds.val):
+            val = (
+                to_student_tensor(ds.val.images, cfg.data.image_size),
+                torch.from_numpy(ds.val.labels.astype("int64")),
+            )
         return cls(
             cfg,
             classes,
             x,
             torch.from_numpy(ds.test.labels.astype("int64")),
             ds.channels,
+            val,
         )
+
+    def _model(self, arrays: ArrayRecord) -> torch.nn.Module:
+        model = create_student(self.cfg.student.arch, len(self.classes), self.channels)
+        load_into(model, arrays, STUDENT_PREFIX)
+        return model
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         """ACC/AUC/loss of the global student on the global test set."""
-        model = create_student(self.cfg.student.arch, len(self.classes), self.channels)
-        load_into(model, arrays, STUDENT_PREFIX)
-        return evaluate(model, self.x, self.y)
+        return evaluate(self._model(arrays), self.x, self.y)
+
+    def evaluate_val(self, arrays: ArrayRecord) -> dict[str, float]:
+        """The same on the validation split: what sweeps choose defaults by."""
+        if self.val is None:
+            return {}
+        return evaluate(self._model(arrays), *self.val)

@@ -199,6 +199,7 @@ def run_federation(
             replies = grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout)
             eval_metrics = strategy.aggregate_evaluate(rnd, replies)
         global_metrics = evaluator.evaluate(arrays) if evaluator else {}
+        val_metrics = evaluator.evaluate_val(arrays) if evaluator else {}
         row = {
             "round": rnd,
             "seconds": time.perf_counter() - t0,
@@ -207,6 +208,7 @@ def run_federation(
             "train": dict(train_metrics or {}),
             "eval": dict(eval_metrics or {}),
             "global": global_metrics,
+            "global_val": val_metrics,
             "sites": report.sites,
             "failed": report.failed,
             "rejected": report.rejected,

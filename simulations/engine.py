@@ -58,6 +58,14 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> N
     from client.app import app as client_app
     from server.federation import run_federation
 
+    if cfg.run.engine == "inprocess":
+        from simulations.inprocess import InProcessGrid
+
+        grid = InProcessGrid(client_app, cfg.partition.sites)
+        run_federation(grid, cfg, run_dir, resume=resume,
+                       expected_sites=cfg.partition.sites)
+        return
+
     server_app = ServerApp()
 
     @server_app.main()

@@ -78,7 +78,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
         cfg.run.out_dir = str(run_dir)
         return cfg, True
     cfg = load_config(args.config, args.overrides)
-    if cfg.train.num_threads == 0:
+    if cfg.train.num_threads == 0 and cfg.run.engine == "ray":
         # Each virtual site runs in its own single-core actor (see engine.py).
         cfg.train.num_threads = 1
     return cfg, False

@@ -47,3 +47,12 @@ def test_two_rounds_three_sites(pneumonia_npz, tmp_path, capsys):
     before = (run / "history.jsonl").read_bytes()
     assert main(_args(npz, tmp_path)) == 2
     assert (run / "history.jsonl").read_bytes() == before
+
+
+def test_inprocess_engine_matches_the_ray_engine_contract(pneumonia_npz, tmp_path):
+    npz = small_npz(pneumonia_npz, tmp_path / "small.npz")
+    assert main(_args(npz, tmp_path, "run.engine=inprocess")) == 0
+    rows = history.read_rows(tmp_path / "run" / "history.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert sorted(rows[-1]["sites"]) == ["site-0", "site-1", "site-2"]
+    assert (tmp_path / "run" / "final" / "model.pt").is_file()

@@ -1,0 +1,105 @@
+"""A single-process Grid: every virtual site's ClientApp runs in this process.
+
+Flower's Simulation Engine (Ray) is the reference engine (`run.engine=ray`).
+For sweeps of many small experiments its per-run start-up (Ray, one actor
+process per core, each re-importing torch and re-reading the data) dominates;
+this Grid calls the very same `client.app.app` handlers in-process, one site
+after another, with each node's `Context` kept across rounds exactly as the
+engine keeps it. Failures inside a ClientApp become Flower error replies, as
+they do on the engine. Flower has no public in-process Grid, hence this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+log = logging.getLogger(__name__)
+
+
+class InProcessGrid(Grid):
+    """Grid over `num_nodes` virtual sites served by one ClientApp object."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self.node_ids = list(range(1, num_nodes + 1))
+        self.contexts = {
+            n: Context(run_id=run_id, node_id=n,
+                       node_config={"partition-id": i, "num-partitions": num_nodes},
+                       state=RecordDict(), run_config={})
+            for i, n in enumerate(self.node_ids)
+        }
+        self._run = Run.create_empty(run_id=run_id)
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        """Flower's Grid interface: remember the run."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """Flower's Grid interface: the current run."""
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str,
+                       dst_node_id: int, group_id: str, ttl: float | None = None
+                       ) -> Message:
+        """Flower's Grid interface (deprecated upstream): build a message."""
+        return Message(content=content, dst_node_id=dst_node_id,
+                       message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The virtual sites."""
+        return list(self.node_ids)
+
+    def _deliver(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        TaskIdentity.run_id = self._run.run_id
+        TaskIdentity.task_id = 1
+        TaskIdentity.node_id = node
+        try:
+            return self.client_app(msg, self.contexts[node])
+        except Exception as err:  # a site's crash must not crash the server
+            log.warning("site node %d raised %s: %s", node, type(err).__name__, err)
+            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=reason), reply_to=msg)
+        finally:
+            TaskIdentity.node_id = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message now; keep the reply for `pull_messages`."""
+        ids = []
+        for msg in messages:
+            reply = self._deliver(msg)
+            mid = msg.metadata.message_id
+            self._replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Replies for the given message ids."""
+        return [self._replies.pop(m) for m in message_ids if m in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Deliver and collect; sites past the deadline get no turn (as on a link)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        for msg in messages:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("round timeout: node %d not served", msg.metadata.dst_node_id)
+                continue
+            replies.extend(self.pull_messages(self.push_messages([msg])))
+        return replies
