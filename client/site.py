@@ -33,6 +33,7 @@ from common.serialization import (
     STUDENT_PREFIX,
     load_into,
     module_arrays,
+    pack,
 )
 from common.train import LocalData, evaluate, evaluate_logits, train_local
 
@@ -94,6 +95,12 @@ def teacher_for(cfg: ExperimentConfig) -> FrozenTeacher:
     return _teacher(t.arch, t.weights, t.image_size)
 
 
+def dataset_for(cfg: ExperimentConfig):
+    """The experiment's whole dataset, decoded at `base_image_size` (memoised)."""
+    return _dataset(cfg.data.source, base_image_size(cfg), cfg.data.cache_dir,
+                    cfg.train.seed, cfg.data.val_fraction, cfg.data.test_fraction)
+
+
 def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
     """The raw images of the site named by the node config."""
     size = base_image_size(cfg)
@@ -118,15 +125,7 @@ def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
             f"engine runs {n_part} nodes but partition.sites={cfg.partition.sites}; "
             "they must match"
         )
-    ds = _dataset(
-        cfg.data.source,
-        size,
-        cfg.data.cache_dir,
-        cfg.train.seed,
-        cfg.data.val_fraction,
-        cfg.data.test_fraction,
-    )
-    return build_sites(ds, cfg.partition, cfg.train.seed)[pid]
+    return build_sites(dataset_for(cfg), cfg.partition, cfg.train.seed)[pid]
 
 
 def teacher_features(
@@ -244,15 +243,7 @@ def _head_for_round(
             head = nn.Linear(feats.shape[1], num_classes)
             load_into(head, state[LOCAL_HEAD_KEY], HEAD_PREFIX)
         else:
-            head = fit_head(
-                feats.numpy(),
-                labels.numpy(),
-                num_classes,
-                weight_decay=cfg.teacher.head_weight_decay,
-                seed=seed,
-            )
-            from common.serialization import pack
-
+            head = _fit(cfg, feats, labels, num_classes, seed)
             state[LOCAL_HEAD_KEY] = pack(module_arrays(head, HEAD_PREFIX))
         return head, None
     # Federated head: warm-start from the global head when the server has one.
@@ -272,14 +263,22 @@ def _head_for_round(
             seed=seed,
         )
         return global_head, local
-    local = fit_head(
-        feats.numpy(),
-        labels.numpy(),
-        num_classes,
-        weight_decay=cfg.teacher.head_weight_decay,
-        seed=seed,
-    )
+    local = _fit(cfg, feats, labels, num_classes, seed)
     return local, local
+
+
+def _fit(cfg: ExperimentConfig, feats: torch.Tensor, labels: torch.Tensor,
+         num_classes: int, seed: int) -> nn.Linear:
+    return fit_head(feats.numpy(), labels.numpy(), num_classes,
+                    weight_decay=cfg.teacher.head_weight_decay, seed=seed)
+
+
+def _student_source(cfg: ExperimentConfig, state: RecordDict, arrays: ArrayRecord
+                    ) -> ArrayRecord:
+    """The global arrays, or for `local` the site's own model once it has one."""
+    if cfg.federation.strategy == "local" and LOCAL_MODEL_KEY in state:
+        return state[LOCAL_MODEL_KEY]
+    return arrays
 
 
 def make_student(cfg: ExperimentConfig, num_classes: int, channels: int) -> nn.Module:
@@ -304,10 +303,7 @@ def train_round(
     """One round of local KD; returns (arrays to send, scalar metrics)."""
     seed = _site_seed(cfg, server_round, site)
     student = make_student(cfg, num_classes, site.channels)
-    local_mode = cfg.federation.strategy == "local"
-    source = (
-        state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
-    )
+    source = _student_source(cfg, state, arrays)
     load_into(student, source, STUDENT_PREFIX)
     proj = None
     out: dict[str, np.ndarray] = {}
@@ -347,9 +343,7 @@ def train_round(
     out.update(module_arrays(student, STUDENT_PREFIX))
     if proj is not None:
         out.update(module_arrays(proj, PROJ_PREFIX))
-    if local_mode:
-        from common.serialization import pack
-
+    if cfg.federation.strategy == "local":
         state[LOCAL_MODEL_KEY] = pack(out)
     return out, metrics
 
@@ -363,10 +357,7 @@ def evaluate_round(
 ) -> dict[str, float]:
     """Metrics of the global (or, for `local`, the site's own) student and teacher."""
     student = make_student(cfg, num_classes, site.channels)
-    local_mode = cfg.federation.strategy == "local"
-    source = (
-        state[LOCAL_MODEL_KEY] if local_mode and LOCAL_MODEL_KEY in state else arrays
-    )
+    source = _student_source(cfg, state, arrays)
     load_into(student, source, STUDENT_PREFIX)
     metrics = evaluate(student, site.test_x, site.test_y)
     if uses_teacher(cfg) and site.feats_test is not None:

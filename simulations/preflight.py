@@ -15,22 +15,13 @@ from tqdm import tqdm
 from client import site as site_lib
 from common.config import ExperimentConfig
 from common.data.sites import build_sites
-from common.data.views import decode_size
 
 log = logging.getLogger(__name__)
 
 
 def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
     """Validate data and sites, fill the teacher cache; return a summary line."""
-    size = decode_size(cfg.data.image_size, cfg.teacher.image_size)
-    ds = site_lib._dataset(
-        cfg.data.source,
-        size,
-        cfg.data.cache_dir,
-        cfg.train.seed,
-        cfg.data.val_fraction,
-        cfg.data.test_fraction,
-    )
+    ds = site_lib.dataset_for(cfg)
     sites = build_sites(ds, cfg.partition, cfg.train.seed)
     sizes = ", ".join(f"{s.name}:{len(s.train)}/{len(s.test)}" for s in sites[:8])
     more = f" (+{len(sites) - 8} more)" if len(sites) > 8 else ""
