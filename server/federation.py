@@ -275,7 +275,12 @@ def finish(
     plot_history(
         history.read_rows(run_dir / "history.jsonl"),
         run_dir / "accuracy.png",
-        title=f"{cfg.run.name}: {cfg.federation.strategy}, teacher "
-        f"{teacher['weights_source']}",
+        title=f"{cfg.run.name}: {cfg.federation.strategy}"
+        + (
+            f" + KD (alpha {cfg.distill.alpha:g}, T {cfg.distill.temperature:g}), "
+            f"teacher {teacher['weights_source'].upper()}"
+            if teacher["arch"]
+            else ", no teacher"
+        ),
     )
     return metrics

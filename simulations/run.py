@@ -57,7 +57,7 @@ def setup_logging(debug: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for name in ("flwr", "ray", "filelock", "matplotlib", "PIL", "urllib3"):
+    for name in ("flwr", "ray", "filelock", "matplotlib", "PIL", "urllib3", "alembic"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
         from flwr.common.logger import FLOWER_LOGGER

@@ -200,7 +200,7 @@ def create_student(arch: str, num_classes: int, in_chans: int) -> nn.Module:
             f"cannot build student.arch={arch!r} with num_classes={num_classes}, "
             f"in_chans={in_chans}: {first}; choose another timm model"
         ) from err
-    log.info("student %s: %d params", arch, count_params(model))
+    log.debug("student %s: %d params", arch, count_params(model))
     return model
 
 
