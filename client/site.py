@@ -97,8 +97,14 @@ def teacher_for(cfg: ExperimentConfig) -> FrozenTeacher:
 
 def dataset_for(cfg: ExperimentConfig):
     """The experiment's whole dataset, decoded at `base_image_size` (memoised)."""
-    return _dataset(cfg.data.source, base_image_size(cfg), cfg.data.cache_dir,
-                    cfg.train.seed, cfg.data.val_fraction, cfg.data.test_fraction)
+    return _dataset(
+        cfg.data.source,
+        base_image_size(cfg),
+        cfg.data.cache_dir,
+        cfg.train.seed,
+        cfg.data.val_fraction,
+        cfg.data.test_fraction,
+    )
 
 
 def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
@@ -267,14 +273,25 @@ def _head_for_round(
     return local, local
 
 
-def _fit(cfg: ExperimentConfig, feats: torch.Tensor, labels: torch.Tensor,
-         num_classes: int, seed: int) -> nn.Linear:
-    return fit_head(feats.numpy(), labels.numpy(), num_classes,
-                    weight_decay=cfg.teacher.head_weight_decay, seed=seed)
+def _fit(
+    cfg: ExperimentConfig,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
+) -> nn.Linear:
+    return fit_head(
+        feats.numpy(),
+        labels.numpy(),
+        num_classes,
+        weight_decay=cfg.teacher.head_weight_decay,
+        seed=seed,
+    )
 
 
-def _student_source(cfg: ExperimentConfig, state: RecordDict, arrays: ArrayRecord
-                    ) -> ArrayRecord:
+def _student_source(
+    cfg: ExperimentConfig, state: RecordDict, arrays: ArrayRecord
+) -> ArrayRecord:
     """The global arrays, or for `local` the site's own model once it has one."""
     if cfg.federation.strategy == "local" and LOCAL_MODEL_KEY in state:
         return state[LOCAL_MODEL_KEY]

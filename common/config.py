@@ -281,7 +281,8 @@ def _range(
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
         raise ConfigError(
-            f"config key '{key}' = {value!r} is out of range; valid: {left}{lo_s}, {hi_s}]"
+            f"config key '{key}' = {value!r} is out of range; "
+            f"valid: {left}{lo_s}, {hi_s}]"
         )
 
 

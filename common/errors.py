@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class FedKDError(Exception):
-    """Base class: a one-line, user-facing error that names the bad thing and the fix."""
+    """Base class: a one-line, user-facing error naming the bad thing and the fix."""
 
 
 class ConfigError(FedKDError):

@@ -40,7 +40,8 @@ def pack(arrays: dict[str, np.ndarray], transfer_dtype: str = "float32") -> Arra
     for key, value in arrays.items():
         if not key.startswith(ALLOWED_PREFIXES):
             raise MessageError(
-                f"refusing to send array '{key}': only {ALLOWED_PREFIXES} may leave a site"
+                f"refusing to send array '{key}': only {ALLOWED_PREFIXES} "
+                "may leave a site"
             )
         if np.issubdtype(value.dtype, np.floating) and value.dtype != wire:
             value = value.astype(wire)

@@ -155,10 +155,12 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- head: {t.get('head')}",
         "",
         "## Method",
-        f"- strategy: {card['method']['strategy']}, rounds: {card['method']['rounds']}, "
+        f"- strategy: {card['method']['strategy']}, "
+        f"rounds: {card['method']['rounds']}, "
         f"local epochs: {card['method']['local_epochs']}",
         f"- distillation: {card['method']['distillation']}",
-        f"- transfer dtype: {card['method']['transfer_dtype']}; DP: {card['method']['dp']}",
+        f"- transfer dtype: {card['method']['transfer_dtype']}; "
+        f"DP: {card['method']['dp']}",
         "",
         "## Data",
         f"- source: `{card['data']['source']}`; partition {card['data']['partition']} "

@@ -62,8 +62,9 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> N
         from simulations.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, cfg.partition.sites)
-        run_federation(grid, cfg, run_dir, resume=resume,
-                       expected_sites=cfg.partition.sites)
+        run_federation(
+            grid, cfg, run_dir, resume=resume, expected_sites=cfg.partition.sites
+        )
         return
 
     server_app = ServerApp()

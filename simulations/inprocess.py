@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,13 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.node_ids = list(range(1, num_nodes + 1))
         self.contexts = {
-            n: Context(run_id=run_id, node_id=n,
-                       node_config={"partition-id": i, "num-partitions": num_nodes},
-                       state=RecordDict(), run_config={})
+            n: Context(
+                run_id=run_id,
+                node_id=n,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for i, n in enumerate(self.node_ids)
         }
         self._run = Run.create_empty(run_id=run_id)
@@ -51,12 +55,22 @@ class InProcessGrid(Grid):
         """Flower's Grid interface: the current run."""
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str,
-                       dst_node_id: int, group_id: str, ttl: float | None = None
-                       ) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         """Flower's Grid interface (deprecated upstream): build a message."""
-        return Message(content=content, dst_node_id=dst_node_id,
-                       message_type=message_type, group_id=group_id, ttl=ttl)
+        return Message(
+            content=content,
+            dst_node_id=dst_node_id,
+            message_type=message_type,
+            group_id=group_id,
+            ttl=ttl,
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         """The virtual sites."""
@@ -73,8 +87,10 @@ class InProcessGrid(Grid):
         except Exception as err:  # a site's crash must not crash the server
             log.warning("site node %d raised %s: %s", node, type(err).__name__, err)
             reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                 reason=reason), reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                reply_to=msg,
+            )
         finally:
             TaskIdentity.node_id = 0
 
@@ -92,14 +108,17 @@ class InProcessGrid(Grid):
         """Replies for the given message ids."""
         return [self._replies.pop(m) for m in message_ids if m in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         """Deliver and collect; sites past the deadline get no turn (as on a link)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         replies = []
         for msg in messages:
             if deadline is not None and time.monotonic() > deadline:
-                log.warning("round timeout: node %d not served", msg.metadata.dst_node_id)
+                log.warning(
+                    "round timeout: node %d not served", msg.metadata.dst_node_id
+                )
                 continue
             replies.extend(self.pull_messages(self.push_messages([msg])))
         return replies

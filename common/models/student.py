@@ -65,7 +65,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class FedKDCNN(nn.Module):
-    """Plain conv-norm-ReLU stages with stride-2 downsampling and global average pool."""
+    """Conv-norm-ReLU stages, stride-2 downsampling, global average pool."""
 
     def __init__(
         self,

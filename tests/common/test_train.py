@@ -41,8 +41,10 @@ def test_unlabelled_items_contribute_no_cross_entropy():
     flipped = labels.clone()
     flipped[0] = 1
     m3, _ = _train(_data(flipped, labelled))
-    assert not all(torch.equal(a, b) for a, b in
-                   zip(m1.state_dict().values(), m3.state_dict().values(), strict=True))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(m1.state_dict().values(), m3.state_dict().values(), strict=True)
+    )
 
 
 def test_without_a_teacher_only_labelled_items_train():
@@ -58,8 +60,9 @@ def test_same_seed_same_weights_and_feature_term_trains_projection():
     labelled = torch.ones(16, dtype=torch.bool)
     proj = torch.nn.Linear(create_student("fedkd_cnn_tiny", 2, 1).num_features, 8)
     before = proj.weight.detach().clone()
-    m1, r1 = _train(_data(labels, labelled, views=2), "distill.feature_weight=1.0",
-                    proj=proj)
+    m1, r1 = _train(
+        _data(labels, labelled, views=2), "distill.feature_weight=1.0", proj=proj
+    )
     assert r1["train_feat"] > 0
     assert not torch.equal(before, proj.weight)
     m2, _ = _train(_data(labels, labelled, views=2))

@@ -45,7 +45,10 @@ def test_fedavg_equals_weighted_np_average():
     strat = _strategy("federation.norm_outlier_factor=0")
     agg, _ = strat.aggregate_train(
         1,
-        [_reply({"student.w": w}, n, f"s{i}") for i, (w, n) in enumerate(zip(ws, ns))],
+        [
+            _reply({"student.w": w}, n, f"s{i}")
+            for i, (w, n) in enumerate(zip(ws, ns, strict=True))
+        ],
     )
     np.testing.assert_allclose(
         agg["student.w"].numpy(),

@@ -6,8 +6,8 @@ import json
 import logging
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from common.config import TeacherConfig
 from common.distill.cache import FeatureCache, teacher_cache_key
