@@ -21,7 +21,6 @@ import argparse
 import csv
 import logging
 import os
-import pickle
 import sys
 import zipfile
 import zlib
@@ -29,51 +28,24 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch import nn
 
 from common.data.folder import IMAGE_SUFFIXES
-from common.data.folder import _decode as decode_as_training  # the sites' decoder
+from common.data.folder import decode_file as decode_as_training  # sites' decoder
 from common.data.types import resize_images
-from common.data.views import STUDENT_MEAN, STUDENT_STD, decode_size, to_student_tensor
-from common.errors import CheckpointError, DataError, FedKDError
-from common.models.student import create_student
-from server.model_card import MODEL_FORMAT
+from common.data.views import to_student_tensor
+from common.errors import DataError, FedKDError
+from common.model_file import ModelMeta, load_model
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("arch", "num_classes", "in_chans", "classes", "preprocess",
-                 "state_dict")
-RESIZE = "bilinear-antialias"  # what to_student_tensor implements
 NPZ_SPLITS = ("train", "val", "test")
 EXIT_OK, EXIT_NONE_PREDICTED, EXIT_ERROR = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What inference needs to know about a saved student, read from its file."""
-
-    path: Path                 # the model file it was loaded from
-    arch: str                  # timm name or fedkd_cnn_*
-    classes: tuple[str, ...]   # label names; index = class id
-    in_chans: int              # 1 = grayscale ("L"), 3 = RGB
-    image_size: int            # the student's input side (preprocess.image_size)
-    decode_size: int           # side files are decoded at before the student resize,
-    #                            as on the sites: max(student, teacher image size)
-    mean: float                # normalisation: (x / 255 - mean) / std
-    std: float
-    preprocess: dict[str, Any]  # the stored preprocess block, verbatim
-    teacher: dict[str, Any] = field(default_factory=dict)  # as in the model card
-
-    @property
-    def pil_mode(self) -> str:
-        """PIL mode images are converted to before resizing."""
-        return "L" if self.in_chans == 1 else "RGB"
 
 
 @dataclass
@@ -82,121 +54,6 @@ class Skipped:
 
     name: str
     reason: str
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """The model file for a run folder, its final/ folder, or a model file."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for cand in (p / "final" / "model.pt", p / "model.pt"):
-            if cand.is_file():
-                return cand
-        raise CheckpointError(
-            f"no final model in {p}: expected {p / 'final' / 'model.pt'}; pass a run "
-            "folder whose federation finished, or the model.pt file itself"
-        )
-    if not p.is_file():
-        raise CheckpointError(
-            f"model not found: {p}; pass a run folder or its final/model.pt"
-        )
-    return p
-
-
-def _read_payload(path: Path) -> dict[str, Any]:
-    """The dict saved by server.model_card.save_student, checked for its format."""
-    try:
-        # weights_only: a model file from elsewhere must not run code on load.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # its message is about torch versions
-        raise CheckpointError(
-            f"{path} is not a model file (not torch-saved tensors and plain data); "
-            "pass final/model.pt of a finished run"
-        ) from err
-    except Exception as err:  # torch raises many types for a non-checkpoint file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{path} is not a readable model file ({type(err).__name__}: "
-            f"{first[:160]}); pass final/model.pt of a finished run"
-        ) from err
-    fmt = payload.get("format") if isinstance(payload, dict) else None
-    if fmt != MODEL_FORMAT:
-        raise CheckpointError(
-            f"{path} has format {fmt!r}, expected {MODEL_FORMAT!r}; pass "
-            "final/model.pt of a run (round checkpoints are not deployable models)"
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in payload]
-    if missing:
-        raise CheckpointError(f"{path} lacks keys {missing}; the file is incomplete")
-    return payload
-
-
-def _teacher_image_size(payload: dict[str, Any]) -> int | None:
-    """The teacher's input side the sites decoded for (teacher block or config)."""
-    size = (payload.get("teacher") or {}).get("image_size")
-    if size is None and payload.get("config_yaml"):
-        cfg = yaml.safe_load(payload["config_yaml"]) or {}
-        size = (cfg.get("teacher") or {}).get("image_size")
-    return int(size) if size is not None else None
-
-
-def _meta(path: Path, payload: dict[str, Any]) -> ModelMeta:
-    """Check the stored preprocessing is the one this code implements; build meta."""
-    pre = dict(payload["preprocess"])
-    mean, std = pre.get("mean"), pre.get("std")
-    # One implementation of the student's input (to_student_tensor): refuse a file
-    # whose recorded preprocessing it does not reproduce rather than guess.
-    if (mean, std, pre.get("resize")) != (STUDENT_MEAN, STUDENT_STD, RESIZE):
-        raise CheckpointError(
-            f"{path} records preprocessing mean={mean}, std={std}, "
-            f"resize={pre.get('resize')!r}; this code implements mean={STUDENT_MEAN}, "
-            f"std={STUDENT_STD}, resize={RESIZE!r}: use the fedkd version that "
-            "trained the model"
-        )
-    size = int(pre["image_size"])
-    in_chans = int(payload["in_chans"])
-    if int(pre.get("channels", in_chans)) != in_chans:
-        raise CheckpointError(
-            f"{path}: preprocess.channels={pre.get('channels')} but in_chans="
-            f"{in_chans}; the file is inconsistent, re-export it from the run"
-        )
-    teacher_size = _teacher_image_size(payload)
-    classes = tuple(str(c) for c in payload["classes"])
-    if len(classes) != int(payload["num_classes"]):
-        raise CheckpointError(
-            f"{path}: {len(classes)} class names for num_classes="
-            f"{payload['num_classes']}; the file is inconsistent"
-        )
-    return ModelMeta(
-        path=path,
-        arch=str(payload["arch"]),
-        classes=classes,
-        in_chans=in_chans,
-        image_size=size,
-        decode_size=decode_size(size, teacher_size) if teacher_size else size,
-        mean=float(mean),
-        std=float(std),
-        preprocess=pre,
-        teacher=dict(payload.get("teacher") or {}),
-    )
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
-    """The student in eval mode on CPU and its metadata, from a run folder or file."""
-    model_path = resolve_model_path(path)
-    payload = _read_payload(model_path)
-    meta = _meta(model_path, payload)
-    model = create_student(meta.arch, len(meta.classes), meta.in_chans)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{model_path}: weights do not fit student.arch={meta.arch!r} "
-            f"({str(err).splitlines()[0][:160]}); the file is corrupt or mislabelled"
-        ) from err
-    model.eval()
-    log.info("loaded %s (%s, %d classes, %dpx, %d channel(s))", model_path,
-             meta.arch, len(meta.classes), meta.image_size, meta.in_chans)
-    return model, meta
 
 
 def match_channels(images: np.ndarray, channels: int) -> np.ndarray:

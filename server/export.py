@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.predict import ModelMeta, collect_inputs, load_model
+from client.predict import collect_inputs
+from common.atomic import atomic_write_bytes
 from common.data.views import to_student_tensor
 from common.errors import DataError, FedKDError, ModelError
-from server.checkpoint import atomic_write_bytes
+from common.model_file import ModelMeta, load_model
 
 log = logging.getLogger(__name__)
 

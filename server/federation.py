@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common import model_file
 from common.config import ExperimentConfig
 from common.errors import FedKDError
 from common.models.student import count_params, create_student
@@ -253,7 +254,7 @@ def finish(
     final_dir = run_dir / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
     arr = _record_to_dict(arrays)
-    model_card.save_student(
+    model_file.save_student(
         final_dir / "model.pt", arr, cfg, classes, channels, teacher
     )
     params = count_params(create_student(cfg.student.arch, len(classes), channels))

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from common.atomic import atomic_write_bytes
 from common.config import ExperimentConfig
-from common.data.views import STUDENT_MEAN, STUDENT_STD
-from common.serialization import STUDENT_PREFIX
-from server.checkpoint import atomic_write_bytes
 
-MODEL_FORMAT = "fedkd-student-1"
 RANDOM_BANNER = (
     "WARNING: the teacher was RANDOM-INIT (teacher.weights=random). Its soft targets "
     "carry no knowledge; this run checks the pipeline only."
@@ -38,43 +31,6 @@ def teacher_source(cfg: ExperimentConfig, site_infos: list[dict[str, Any]]) -> s
     if cfg.distill.alpha >= 1.0 and cfg.distill.feature_weight == 0:
         return "none"
     return cfg.teacher.weights.split(":", 1)[0]
-
-
-def save_student(
-    path: Path,
-    arrays: dict[str, np.ndarray],
-    cfg: ExperimentConfig,
-    classes: list[str],
-    channels: int,
-    teacher: dict[str, Any],
-) -> None:
-    """Write the student's weights with everything inference needs."""
-    state = {
-        k[len(STUDENT_PREFIX) :]: torch.from_numpy(np.array(v))
-        for k, v in arrays.items()
-        if k.startswith(STUDENT_PREFIX)
-    }
-    payload = {
-        "format": MODEL_FORMAT,
-        "arch": cfg.student.arch,
-        "num_classes": len(classes),
-        "in_chans": channels,
-        "classes": list(classes),
-        "preprocess": {
-            "image_size": cfg.data.image_size,
-            "channels": channels,
-            "mean": STUDENT_MEAN,
-            "std": STUDENT_STD,
-            "resize": "bilinear-antialias",
-            "grayscale": channels == 1,
-        },
-        "state_dict": state,
-        "teacher": teacher,
-        "config_yaml": cfg.to_yaml(),
-    }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def build_card(

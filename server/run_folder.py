@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write_bytes
 from common.config import (
     ExperimentConfig,
     config_from_yaml_text,
@@ -13,7 +14,6 @@ from common.config import (
     split_overrides,
 )
 from common.errors import CheckpointError
-from server.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def _is_gray(path: Path) -> bool:
         ) from err
 
 
-def _decode(path: Path, size: int, mode: str) -> np.ndarray:
+def decode_file(path: Path, size: int, mode: str) -> np.ndarray:
     """One image as uint8 (size, size, C) in PIL mode `mode` ("L" or "RGB")."""
     try:
         with Image.open(path) as im:
@@ -161,7 +161,7 @@ def decode_folder(
     )
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL
-        decoded = list(pool.map(lambda p: _decode(p, image_size, mode), paths))
+        decoded = list(pool.map(lambda p: decode_file(p, image_size, mode), paths))
     images = np.stack(decoded)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ from common.data.folder import decode_folder
 from common.data.medmnist import load_npz
 from common.data.views import to_student_tensor
 from common.errors import CheckpointError
+from common.model_file import save_student
 from common.models.student import create_student
 from common.serialization import STUDENT_PREFIX, module_arrays
-from server.model_card import save_student
 
 
 def write_student(run_dir: Path, *, classes=("no", "yes"), channels: int = 1,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from common.errors import CheckpointError
+from common import atomic
 from server import checkpoint, history
 
 
@@ -20,17 +21,17 @@ def test_interrupted_write_keeps_previous_latest(tmp_path, monkeypatch):
     arrays = {"student.w": np.ones(4, dtype=np.float32)}
     checkpoint.save_checkpoint(tmp_path, 1, arrays, {})
 
-    real_fsync = checkpoint.os.fsync
+    real_fsync = atomic.os.fsync
 
     def crash(fd):
         raise KeyboardInterrupt("power cut during write")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    monkeypatch.setattr(atomic.os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(
             tmp_path, 2, {"student.w": np.zeros(4, np.float32)}, {}
         )
-    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
     ck = checkpoint.load_checkpoint(tmp_path)
     assert ck["round"] == 1
     np.testing.assert_array_equal(ck["arrays"]["student.w"], 1.0)

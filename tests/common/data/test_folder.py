@@ -51,7 +51,7 @@ def test_folder_second_load_uses_cache_and_new_file_invalidates(tmp_path, monkey
     def boom(*args, **kwargs):
         raise AssertionError("decoded again despite a valid cache")
 
-    monkeypatch.setattr(folder, "_decode", boom)
+    monkeypatch.setattr(folder, "decode_file", boom)
     second = load_folder(root, 12, tmp_path / "cache")
     np.testing.assert_array_equal(first.train.images, second.train.images)
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(root / "a" / "extra.png")

@@ -23,7 +23,7 @@ def test_br35h_full_load_and_decode_cache(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("decoded again despite a valid cache")
 
-    monkeypatch.setattr(folder, "_decode", boom)
+    monkeypatch.setattr(folder, "decode_file", boom)
     again = load_dataset("br35h", 24, tmp_path, seed=0)
     np.testing.assert_array_equal(ds.test.images, again.test.images)
     other = load_dataset("br35h", 24, tmp_path, seed=1)
