@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.errors import CheckpointError
 from common import atomic
+from common.errors import CheckpointError
 from server import checkpoint, history
 
 
