@@ -30,8 +30,8 @@ def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
     return load_config(path, split_overrides(str(run_config.get("overrides", ""))))
 
 
-def prepare_run_dir(cfg: ExperimentConfig, *, resume: bool = False) -> Path:
-    """Create the run folder and write config.yaml; refuse to clobber a used one."""
+def check_run_dir(cfg: ExperimentConfig, *, resume: bool = False) -> Path:
+    """The run folder, if it can be used; nothing is created (cheap, call first)."""
     run_dir = Path(cfg.run.out_dir).expanduser()
     if resume:
         if not (run_dir / "checkpoints" / "latest.pt").is_file():
@@ -44,6 +44,14 @@ def prepare_run_dir(cfg: ExperimentConfig, *, resume: bool = False) -> Path:
             f"run folder {run_dir} is not empty; choose another --set run.out_dir=... "
             "or resume it with --resume"
         )
+    return run_dir
+
+
+def prepare_run_dir(cfg: ExperimentConfig, *, resume: bool = False) -> Path:
+    """Create the run folder and write config.yaml; refuse to clobber a used one."""
+    run_dir = check_run_dir(cfg, resume=resume)
+    if resume:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
     return run_dir

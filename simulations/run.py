@@ -57,7 +57,16 @@ def setup_logging(debug: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for name in ("flwr", "ray", "filelock", "matplotlib", "PIL", "urllib3", "alembic"):
+    for name in (
+        "flwr",
+        "ray",
+        "filelock",
+        "matplotlib",
+        "PIL",
+        "urllib3",
+        "alembic",
+        "huggingface_hub",
+    ):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
         from flwr.common.logger import FLOWER_LOGGER
@@ -89,16 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug)
     try:
-        from server.run_folder import prepare_run_dir
+        from server.run_folder import check_run_dir, prepare_run_dir
         from simulations.engine import simulate
         from simulations.preflight import preflight
 
         cfg, resume = resolve(args)
-        run_dir = prepare_run_dir(cfg, resume=resume)
-        print(f"run folder: {run_dir}", flush=True)
+        # Check the folder, then the data and teacher, and only then create it:
+        # a run that cannot start leaves nothing behind.
+        check_run_dir(cfg, resume=resume)
         t0 = time.perf_counter()
         summary = preflight(cfg)
         print(summary, flush=True)
+        run_dir = prepare_run_dir(cfg, resume=resume)
+        print(f"run folder: {run_dir}", flush=True)
         simulate(cfg, run_dir, resume=resume)
         card = json.loads((run_dir / "final" / "model_card.json").read_text())
     except FedKDError as err:
