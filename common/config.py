@@ -55,6 +55,9 @@ class PartitionConfig:
     labelled_fraction: float = 1.0
     # smallest number of training images a site may end up with
     min_site_size: int = 10
+    # share of the train split held back as a public pool no site receives
+    # (to train a proxy teacher offline); 0 = none
+    public_pool_fraction: float = 0.0
 
 
 @dataclass
@@ -139,6 +142,9 @@ class TrainConfig:
     num_threads: int = 0
     # random horizontal flips and small shifts of the student's views
     augment: bool = True
+    # clip each step's gradient norm to this value (0 = off); keeps KD with
+    # large T^2-scaled terms and tiny sites from blowing up an update
+    grad_clip: float = 5.0
 
 
 @dataclass
@@ -328,6 +334,8 @@ def validate(cfg: ExperimentConfig) -> None:
         lo_open=True,
     )
     _range("partition.min_site_size", cfg.partition.min_site_size, 1, None)
+    _range("partition.public_pool_fraction", cfg.partition.public_pool_fraction, 0.0,
+           0.9)
     _range("teacher.image_size", cfg.teacher.image_size, 14, 1024)
     _range("teacher.head_epochs", cfg.teacher.head_epochs, 1, None)
     _range("teacher.head_lr", cfg.teacher.head_lr, 0.0, None, lo_open=True)
@@ -367,6 +375,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _range("train.momentum", cfg.train.momentum, 0.0, 1.0)
     _range("train.weight_decay", cfg.train.weight_decay, 0.0, None)
     _range("train.num_threads", cfg.train.num_threads, 0, 256)
+    _range("train.grad_clip", cfg.train.grad_clip, 0.0, None)
     _range("privacy.clipping_norm", cfg.privacy.clipping_norm, 0.0, None, lo_open=True)
     _range("privacy.noise_multiplier", cfg.privacy.noise_multiplier, 0.0, None)
     if cfg.federation.min_sites > cfg.partition.sites:

@@ -134,6 +134,8 @@ def train_local(
                 loss = loss + 0.5 * proximal_mu * prox
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
             opt.step()
             # float() is a sync point; cheap on CPU and keeps the metrics exact.
             sums["loss"] += loss.item()

@@ -45,6 +45,11 @@ class InProcessGrid(Grid):
         }
         self._run = Run.create_empty(run_id=run_id)
         self._replies: dict[str, Message] = {}
+        # Messages take their sender from the process's task identity; here the
+        # server and every site share one process, so set it for the server.
+        TaskIdentity.run_id = run_id
+        TaskIdentity.task_id = 1
+        TaskIdentity.node_id = 0
 
     def set_run(self, run: Run) -> None:
         """Flower's Grid interface: remember the run."""

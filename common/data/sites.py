@@ -97,10 +97,29 @@ def _site_split(
     return part.subset(tr), part.subset(te)
 
 
+def split_public_pool(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, rest) indices: a stratified public pool that no site receives."""
+    n = len(labels)
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64), np.arange(n)
+    pool, rest = stratified_split(labels, [fraction, 1.0 - fraction], seed + 7907)
+    return np.sort(pool), np.sort(rest)
+
+
+def public_pool(dataset: Dataset, fraction: float, seed: int) -> ImageSet:
+    """The public pool of the train split (for training a proxy teacher)."""
+    pool, _ = split_public_pool(dataset.train.labels, fraction, seed)
+    return dataset.train.subset(pool)
+
+
 def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteData]:
-    """Partition dataset.train over cfg.sites simulated sites (deterministic)."""
+    """Partition dataset.train (minus the public pool) over cfg.sites sites."""
+    _, rest = split_public_pool(dataset.train.labels, cfg.public_pool_fraction, seed)
+    pool_free = dataset.train.subset(rest)
     parts = partition_indices(
-        dataset.train.labels,
+        pool_free.labels,
         cfg.sites,
         cfg.scheme,
         alpha=cfg.alpha,
@@ -117,7 +136,7 @@ def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteD
     sites = []
     for site_id, (idx, profile) in enumerate(zip(parts, profiles, strict=True)):
         name = f"site-{site_id}"
-        part = dataset.train.subset(idx)
+        part = pool_free.subset(idx)
         if profile is not None:
             # Applied before the split, so noise streams differ for every image.
             part = ImageSet(apply_profile(part.images, profile), part.labels)
