@@ -19,6 +19,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import site as site_lib
 from common.config import ExperimentConfig, config_from_yaml_text
@@ -63,7 +65,16 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+def dp_clipping(msg: Message, ctxt: Context, call_next) -> Message:
+    """Flower's client-side fixed clipping, applied when the server's DP wrapper
+    asks for it (its clipping norm is in the config); a no-op otherwise."""
+    conf = msg.content.config_records.get("config")
+    if conf is not None and KEY_CLIPPING_NORM in conf:
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+@app.train(mods=[dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Distil into the global student on this site's data and reply its update."""
     cfg, conf = _unpack(msg)

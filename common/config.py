@@ -383,6 +383,12 @@ def validate(cfg: ExperimentConfig) -> None:
             f"config key 'federation.min_sites' = {cfg.federation.min_sites} exceeds "
             f"'partition.sites' = {cfg.partition.sites}; lower min_sites"
         )
+    if cfg.privacy.dp and (cfg.teacher.head == "federated"
+                           or cfg.federation.strategy == "local"):
+        raise ConfigError(
+            "privacy.dp=true needs teacher.head=local and a federated strategy: "
+            "client-side clipping bounds the update of the arrays the server sent"
+        )
     if cfg.distill.alpha == 1.0 and cfg.distill.feature_weight > 0:
         log.warning(
             "distill.alpha=1 with feature_weight>0: only the feature term "

@@ -27,7 +27,7 @@ from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays, pac
 from server import checkpoint, history, model_card
 from server.evaluation import GlobalEvaluator
 from server.plots import plot_history
-from server.strategy import build_strategy
+from server.strategy import NODE_NAMES, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
         infos.append(
             {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
         )
+        NODE_NAMES[msg.metadata.src_node_id] = str(rec.get("name"))
     for e in errors:
         log.error("site handshake failed: %s", e)
     if len(infos) < cfg.federation.min_sites:

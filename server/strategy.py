@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+)
 
 from common.config import ExperimentConfig
 from common.serialization import ALLOWED_PREFIXES, pack, to_float32
@@ -38,10 +45,20 @@ class RoundReport:
     bytes_up: int = 0
 
 
+# Site names by node id, learnt from the handshake (failed replies carry none).
+NODE_NAMES: dict[int, str] = {}
+
+
 def _site_name(msg: Message) -> str:
     if not msg.has_error() and "site" in msg.content.config_records:
         return str(msg.content["site"].get("name", msg.metadata.src_node_id))
-    return f"node-{msg.metadata.src_node_id}"
+    node = msg.metadata.src_node_id
+    return NODE_NAMES.get(node, f"node-{node}")
+
+
+def _reason(msg: Message) -> str:
+    """The first line of a failed reply's reason (tracebacks stay in the log)."""
+    return (msg.error.reason or "no reason given").strip().splitlines()[0]
 
 
 def _finite(record: ArrayRecord) -> bool:
@@ -97,7 +114,7 @@ class SafeAggregation:
         for msg in replies:
             name = _site_name(msg)
             if msg.has_error():
-                self.report.failed.append(f"{name}: {msg.error.reason}")
+                self.report.failed.append(f"{name}: {_reason(msg)}")
                 log.warning("site %s failed this round: %s", name, msg.error.reason)
                 continue
             content = msg.content
@@ -175,7 +192,7 @@ class SafeAggregation:
         for msg in replies:
             name = _site_name(msg)
             if msg.has_error():
-                self.report.failed.append(f"{name} (evaluate): {msg.error.reason}")
+                self.report.failed.append(f"{name} (evaluate): {_reason(msg)}")
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
             n = float(metrics.get("num-examples", 1.0))
@@ -224,9 +241,34 @@ def build_strategy(cfg: ExperimentConfig, num_sites: int):
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
+        if int(fed.trim_beta * num_sites) == 0:
+            log.warning("federation.trim_beta=%g trims no site out of %d; raise it to "
+                        ">= %.2f", fed.trim_beta, num_sites, 1 / num_sites)
     elif fed.strategy == "krum":
         kwargs["num_malicious_nodes"] = fed.krum_byzantine
     cls = type(f"Safe{base.__name__}", (SafeAggregation, base), {})
     strategy = cls(**kwargs)
     strategy.setup_safety(cfg)
+    if cfg.privacy.dp:
+        return ClientSideDP(
+            strategy,
+            noise_multiplier=cfg.privacy.noise_multiplier,
+            clipping_norm=cfg.privacy.clipping_norm,
+            num_sampled_clients=max(1, round(num_sites * fed.fraction_train)),
+        )
     return strategy
+
+
+class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper around a screened strategy.
+
+    Sites clip their update (client mod `client.app.dp_clipping`), the server
+    adds Gaussian noise to the aggregate. Replies are still screened by the
+    wrapped strategy. Flower's privacy accountant needs the unmodified
+    FedAvg aggregation, so epsilon is not computed here.
+    """
+
+    @property
+    def report(self) -> RoundReport:
+        """The wrapped strategy's round report."""
+        return self.strategy.report

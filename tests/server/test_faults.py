@@ -1,0 +1,140 @@
+"""Injected faults: failing and poisoning sites, a killed server, DP clipping.
+
+The federation loop runs on the in-process Grid, which calls the real
+ClientApp for every site, so each fault goes through the production code.
+"""
+
+import numpy as np
+import pytest
+from flwr.app import Array
+
+from client import site as site_lib
+from client.app import app as client_app
+from common.errors import FedKDError
+from server import checkpoint, history
+from server.federation import run_federation
+from simulations.inprocess import InProcessGrid
+from tests.helpers import small_npz, tiny_config
+
+
+@pytest.fixture
+def npz(pneumonia_npz, tmp_path_factory):
+    return small_npz(pneumonia_npz, tmp_path_factory.mktemp("data") / "small.npz")
+
+
+def _faulty(bad_node: int, fault: str):
+    """A ClientApp that misbehaves on one node for train messages."""
+
+    def app(msg, ctx):
+        if ctx.node_id == bad_node and msg.metadata.message_type == "train":
+            if fault == "raise":
+                raise RuntimeError("disk full at the hospital")
+            reply = client_app(msg, ctx)
+            arrays = reply.content["arrays"]
+            key = next(k for k in arrays.keys() if k.endswith("weight"))
+            arr = arrays[key].numpy().copy()
+            arr[...] = np.nan if fault == "nan" else 1e6
+            arrays[key] = Array(arr)
+            return reply
+        return client_app(msg, ctx)
+
+    return app
+
+
+def _run(cfg, app=client_app, resume=False):
+    grid = InProcessGrid(app, cfg.partition.sites)
+    return run_federation(grid, cfg, __import__("pathlib").Path(cfg.run.out_dir),
+                          resume=resume, expected_sites=cfg.partition.sites)
+
+
+@pytest.mark.parametrize("fault", ["raise", "nan", "huge"])
+def test_round_survives_one_bad_site(npz, tmp_path, fault):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0")
+    _run(cfg, _faulty(2, fault))
+    rows = history.read_rows(tmp_path / "run" / "history.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        trouble = r["failed"] if fault == "raise" else r["rejected"]
+        assert len(trouble) == 1 and "site-1" in trouble[0]
+        assert len(r["sites"]) == 3  # everyone still evaluated
+    final = checkpoint.load_checkpoint(tmp_path / "run")["arrays"]
+    assert all(np.isfinite(v).all() for v in final.values())
+
+
+def test_too_few_sites_stops_with_a_clear_message(npz, tmp_path):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "federation.min_sites=3",
+                      "federation.max_round_retries=1")
+    with pytest.raises(FedKDError, match="fewer than federation.min_sites=3") as info:
+        _run(cfg, _faulty(1, "raise"))
+    assert "disk full" in str(info.value) and "\n" not in str(info.value).split(";")[0]
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_strategies_run_through_the_loop(npz, tmp_path, strategy):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "federation.rounds=1",
+                      f"federation.strategy={strategy}",
+                      "federation.norm_outlier_factor=0", "federation.trim_beta=0.34")
+    _run(cfg, _faulty(3, "huge"))
+    final = checkpoint.load_checkpoint(tmp_path / "run")["arrays"]
+    assert max(float(np.abs(v).max()) for v in final.values()
+               if v.dtype.kind == "f") < 1e5  # the huge update did not win
+
+
+def test_killed_server_resumes_to_the_identical_model(npz, tmp_path):
+    base = ("federation.rounds=3", "teacher.head=local")
+    full = tiny_config(npz, tmp_path / "a", *base)
+    _run(full)
+    expected = checkpoint.load_checkpoint(tmp_path / "a" / "run")["arrays"]
+
+    cut = tiny_config(npz, tmp_path / "b", *base)
+    calls = {"n": 0}
+
+    def dies_in_round_3(msg, ctx):
+        if msg.metadata.message_type == "train":
+            calls["n"] += 1
+            if calls["n"] > 2 * cut.partition.sites:  # the server dies mid round 3
+                raise KeyboardInterrupt("server killed")
+        return client_app(msg, ctx)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(cut, dies_in_round_3)
+    assert checkpoint.load_checkpoint(tmp_path / "b" / "run")["round"] == 2
+    site_lib._SITES.clear()  # a restarted process starts with nothing in memory
+    _run(cut, resume=True)
+    got = checkpoint.load_checkpoint(tmp_path / "b" / "run")["arrays"]
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert np.array_equal(got[k], expected[k]), k
+    rows = history.read_rows(tmp_path / "b" / "run" / "history.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+
+
+def test_dp_clipping_bounds_every_site_update(npz, tmp_path):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "federation.rounds=1",
+                      "privacy.dp=true", "privacy.clipping_norm=0.5",
+                      "privacy.noise_multiplier=0.0",
+                      "federation.norm_outlier_factor=0")
+    sent, norms = {}, []
+
+    def spy(msg, ctx):
+        if msg.metadata.message_type == "train":
+            sent.update({k: msg.content["arrays"][k].numpy().copy()
+                         for k in msg.content["arrays"].keys()})
+            reply = client_app(msg, ctx)
+            arrs = reply.content["arrays"]
+            norms.append(np.sqrt(sum(
+                float(((arrs[k].numpy().astype(np.float64) - sent[k]) ** 2).sum())
+                for k in arrs.keys())))
+            return reply
+        return client_app(msg, ctx)
+
+    _run(cfg, spy)
+    assert len(norms) == 3 and max(norms) <= 0.5 + 1e-4
+
+
+def test_dp_with_a_federated_head_is_refused():
+    from common.config import load_config
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.dp"):
+        load_config(None, ["privacy.dp=true", "teacher.head=federated"])
