@@ -1,7 +1,9 @@
 """Compare methods on heterogeneous simulated hospitals, over seeds, and report.
 
-    python -m simulations.harness --experiment simulations/experiments/br35h_proxy.yaml \
-        [--out docs/results/br35h] [--work runs/harness] [--seeds 0 1 2] [--set k=v ...]
+    python -m simulations.harness \
+        --experiment simulations/experiments/br35h_proxy.yaml \
+        [--out docs/results/br35h] [--work runs/harness] [--seeds 0 1 2] \
+        [--set k=v ...] [--report-only]
 
 An experiment file names the base overrides, the methods (each a set of
 overrides on the base), the seeds and optionally a sweep axis. Every (method,
@@ -116,7 +118,8 @@ def _proxy(exp: Experiment, extra: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(None, _as_overrides({**exp.base, **extra, "train.seed": 0}))
     arch = str(exp.proxy_teacher.get("arch", "resnet18"))
     path, summary = train_proxy(cfg, arch, int(exp.proxy_teacher.get("epochs", 15)))
-    print(f"proxy teacher {arch}: {path} ({'reused' if summary.get('reused') else 'trained'})")
+    how = "reused" if summary.get("reused") else "trained"
+    print(f"proxy teacher {arch}: {path} ({how})")
     return {"teacher.arch": arch, "teacher.weights": f"file:{path}"}
 
 

@@ -29,7 +29,8 @@ def run_record(desc: dict[str, Any]) -> dict[str, Any] | None:
         return None
     card = json.loads(card_path.read_text())
     last = rows[-1]
-    ev, gl, va = last.get("eval", {}), last.get("global", {}), last.get("global_val", {})
+    ev, gl = last.get("eval", {}), last.get("global", {})
+    va = last.get("global_val", {})
     local = card["method"]["strategy"] == "local"
     rec = {
         **desc,
@@ -56,7 +57,8 @@ def _stat(values: list[float | None]) -> tuple[float, float, int]:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return math.nan, math.nan, 0
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return float(np.mean(vals)), std, len(vals)
 
 
 def _fmt(stat: tuple[float, float, int], pct: bool = True) -> str:
@@ -75,7 +77,8 @@ def aggregate(records: list[dict]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for (sv, method), rs in groups.items():
         key = f"{method}" if sv is None else f"{method}@{sv}"
-        out[key] = {"method": method, "sweep_value": sv, "seeds": [r["seed"] for r in rs],
+        out[key] = {"method": method, "sweep_value": sv,
+                    "seeds": [r["seed"] for r in rs],
                     **{s: _stat([r[s] for r in rs]) for s in SCALARS}}
         if method.startswith("fedkd"):
             head = "federated" if method.endswith("federated") else "local"
@@ -92,7 +95,8 @@ def aggregate(records: list[dict]) -> dict[str, dict[str, Any]]:
 def paired_gap(records: list[dict], a: str, b: str, metric: str, sv: Any = None
                ) -> tuple[float, float, int]:
     """Mean ± std over seeds of metric(a) - metric(b), paired by seed."""
-    by = {(r["method"], r["seed"]): r[metric] for r in records if r["sweep_value"] == sv}
+    by = {(r["method"], r["seed"]): r[metric] for r in records
+          if r["sweep_value"] == sv}
     diffs = [by[(a, s)] - by[(b, s)] for (m, s) in by if m == a
              and (b, s) in by and by[(a, s)] is not None and by[(b, s)] is not None]
     return _stat(diffs)
@@ -130,7 +134,8 @@ def _teacher_line(records: list[dict]) -> str:
                              "received (not DINOv2)",
                     "random": " — RANDOM-INIT: the soft targets carry no knowledge"}
             return (f"Teacher: `{t['arch']}` at {t.get('image_size')} px, weights "
-                    f"**{src.upper()}** (`{t.get('weights_spec')}`){note.get(src, '')}.")
+                    f"**{src.upper()}** (`{t.get('weights_spec')}`)"
+                    f"{note.get(src, '')}.")
     return "Teacher: none of the runs used one."
 
 
@@ -227,7 +232,8 @@ def _sweep_plot(agg: dict, out: Path, key: str) -> str:
     methods = sorted({v["method"] for v in agg.values()})
     for m in methods:
         pts = sorted((v["sweep_value"], v) for v in agg.values() if v["method"] == m)
-        metric = "site_acc" if m.startswith(("local", "teacher-probe")) else "global_acc"
+        site_only = m.startswith(("local", "teacher-probe"))
+        metric = "site_acc" if site_only else "global_acc"
         xs = [p[0] for p in pts]
         ys = [p[1][metric][0] for p in pts]
         es = [p[1][metric][1] for p in pts]
@@ -246,7 +252,7 @@ def _sweep_plot(agg: dict, out: Path, key: str) -> str:
 def _table(agg: dict, sv: Any) -> list[str]:
     lines = ["| method | site-mean ACC | site-mean AUC | worst-site ACC | global ACC "
              "| global AUC | val ACC | seeds |", "|---|---|---|---|---|---|---|---|"]
-    for key, v in sorted(agg.items(), key=lambda kv: kv[0]):
+    for _, v in sorted(agg.items(), key=lambda kv: kv[0]):
         if v["sweep_value"] != sv:
             continue
         lines.append(
