@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -229,7 +230,15 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as text; accept numbers written so.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(float(value)):
+                raise ConfigError(f"config key '{key}' is NaN; give a number")
             return float(value)
     elif typ is str:
         if isinstance(value, str):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from client import site as site_lib
 from common.config import ExperimentConfig
 from common.data.sites import build_sites
+from common.models.student import create_student
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
     """Validate data and sites, fill the teacher cache; return a summary line."""
     ds = site_lib.dataset_for(cfg)
     sites = build_sites(ds, cfg.partition, cfg.train.seed)
+    create_student(cfg.student.arch, ds.num_classes, ds.channels)  # a bad name fails here
     sizes = ", ".join(f"{s.name}:{len(s.train)}/{len(s.test)}" for s in sites[:8])
     more = f" (+{len(sites) - 8} more)" if len(sites) > 8 else ""
     teacher_line = "teacher: not used"

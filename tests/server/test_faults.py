@@ -138,3 +138,25 @@ def test_dp_with_a_federated_head_is_refused():
 
     with pytest.raises(ConfigError, match="privacy.dp"):
         load_config(None, ["privacy.dp=true", "teacher.head=federated"])
+
+
+def test_every_message_a_site_sends_carries_only_weights_and_scalars(npz, tmp_path):
+    from tests.client.test_app import _walk_reply
+
+    cfg = tiny_config(npz, tmp_path, "federation.rounds=1", "teacher.head=federated",
+                      "distill.feature_weight=0.5")
+    replies = []
+
+    def spy(msg, ctx):
+        reply = client_app(msg, ctx)
+        replies.append((msg.metadata.message_type, reply))
+        return reply
+
+    _run(cfg, spy)
+    kinds = {k for k, _ in replies}
+    assert kinds == {"query", "train", "evaluate"}
+    prefixes = set()
+    for _, reply in replies:
+        seen = _walk_reply(reply, image_count=10**9)
+        prefixes |= {k.split(".")[0] for k in seen["arrays"]}
+    assert prefixes == {"student", "head", "proj"}
