@@ -24,7 +24,8 @@ def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
     """Validate data and sites, fill the teacher cache; return a summary line."""
     ds = site_lib.dataset_for(cfg)
     sites = build_sites(ds, cfg.partition, cfg.train.seed)
-    create_student(cfg.student.arch, ds.num_classes, ds.channels)  # a bad name fails here
+    # A bad student name fails here, before any run folder exists.
+    create_student(cfg.student.arch, ds.num_classes, ds.channels)
     sizes = ", ".join(f"{s.name}:{len(s.train)}/{len(s.test)}" for s in sites[:8])
     more = f" (+{len(sites) - 8} more)" if len(sites) > 8 else ""
     teacher_line = "teacher: not used"
