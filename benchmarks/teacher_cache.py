@@ -1,0 +1,99 @@
+"""Teacher cache: a federated KD round with cached teacher features vs recomputed.
+
+    python -m benchmarks.teacher_cache [--quick]
+
+Drives the sites' own functions (`client.site.build_site`, `train_round`) for
+4 sites: (A) the round as the ClientApp runs it, features from the cache;
+(B) the same round after recomputing every site's teacher features. A and B
+alternate over several rounds in one process; the ratio is taken per round.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+
+import torch
+from flwr.app import RecordDict
+
+from benchmarks._util import merge, parser, quick_overrides, table
+from client import site as site_lib
+from common.config import load_config
+from common.serialization import pack
+from server.federation import initial_arrays
+
+
+def run(quick: bool, out, work) -> dict:
+    """Measure; merge cache_speedup and cache_fill_s into `out`."""
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "teacher-cache-bench"
+    shutil.rmtree(cache, ignore_errors=True)
+    over = (
+        quick_overrides(work)
+        if quick
+        else [
+            "data.source=br35h",
+            "data.image_size=64",
+            "teacher.arch=vit_small_patch14_dinov2.lvd142m",
+            "teacher.image_size=112",
+            "teacher.weights=random",
+        ]
+    )
+    cfg = load_config(None, [*over, "partition.sites=4", f"teacher.cache_dir={cache}"])
+    rounds = 2 if quick else 3
+    t0 = time.perf_counter()
+    sites = [
+        site_lib.build_site(cfg, {"partition-id": i, "num-partitions": 4})
+        for i in range(4)
+    ]
+    fill = time.perf_counter() - t0
+    teacher = site_lib.teacher_for(cfg)
+    arrays = pack(initial_arrays(cfg, 2, sites[0].channels, 0))
+    raw = [
+        site_lib.site_data(cfg, {"partition-id": i, "num-partitions": 4})
+        for i in range(4)
+    ]
+    a_times, b_times = [], []
+    for rnd in range(1, rounds + 1):
+        for mode in ("A", "B"):
+            t = time.perf_counter()
+            for s, r in zip(sites, raw, strict=True):
+                if mode == "B":  # what a site would pay without the cache
+                    feats = teacher.features(r.train.images, cfg.teacher.batch_size)
+                    s.feats_train = torch.from_numpy(feats)[None]
+                site_lib.train_round(cfg, s, arrays, RecordDict(), rnd, 2)
+            (a_times if mode == "A" else b_times).append(time.perf_counter() - t)
+    ratios = [b / a for a, b in zip(a_times, b_times, strict=True)]
+    keys = {
+        "cache_speedup": round(statistics.median(ratios), 2),
+        "cache_fill_s": round(fill, 1),
+    }
+    detail = {
+        "round_cached_s": a_times,
+        "round_recomputed_s": b_times,
+        "ratios": ratios,
+        "teacher": teacher.describe()["arch"],
+        "teacher_weights": "random (timing only)",
+        "images": sum(len(r.train.images) for r in raw),
+        "quick": quick,
+    }
+    merge(out, "teacher_cache", keys, detail)
+    print(
+        table(
+            [
+                ("teacher", f"{detail['teacher']} (RANDOM-INIT: timing only)"),
+                ("train images / round", detail["images"]),
+                ("round, cached (s)", [round(x, 2) for x in a_times]),
+                ("round, recomputed (s)", [round(x, 2) for x in b_times]),
+                ("speed-up (median ratio)", keys["cache_speedup"]),
+                ("one-off cache fill (s)", keys["cache_fill_s"]),
+            ]
+        )
+    )
+    return keys
+
+
+if __name__ == "__main__":
+    args = parser(__doc__).parse_args()
+    run(args.quick, args.out, args.work)
