@@ -57,3 +57,52 @@ def test_history_ignores_torn_last_line_and_truncates(tmp_path):
     assert rows[0]["acc"] is None
     history.truncate_to_round(path, 2)
     assert [r["round"] for r in history.read_rows(path)] == [1, 2]
+
+
+_KILLED_WRITER = """
+import sys, time
+import numpy as np
+from common import atomic
+from server import checkpoint
+
+run = sys.argv[1]
+big = 1_000_000  # 4 MB of weights: the write takes real time
+checkpoint.save_checkpoint(run, 1, {"student.w": np.full(big, 1, np.float32)}, {})
+
+def stall(src, dst):  # the bytes of round 2 are on disk, not yet renamed
+    print("mid-write", flush=True)
+    time.sleep(60)
+
+atomic.os.replace = stall
+checkpoint.save_checkpoint(run, 2, {"student.w": np.full(big, 2, np.float32)}, {})
+"""
+
+
+def test_sigkill_mid_write_keeps_the_latest_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "mid-write"
+        proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: a power cut
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ck = checkpoint.load_checkpoint(tmp_path)
+    assert ck["round"] == 1
+    np.testing.assert_array_equal(ck["arrays"]["student.w"], 1.0)
+    # The torn temporary file is left behind, but never read, and the next
+    # save still works.
+    assert list((tmp_path / "checkpoints").glob(".*.tmp"))
+    checkpoint.save_checkpoint(tmp_path, 2, {"student.w": np.zeros(3, np.float32)}, {})
+    assert checkpoint.load_checkpoint(tmp_path)["round"] == 2

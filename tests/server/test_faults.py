@@ -4,6 +4,8 @@ The federation loop runs on the in-process Grid, which calls the real
 ClientApp for every site, so each fault goes through the production code.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array
@@ -41,9 +43,21 @@ def _faulty(bad_node: int, fault: str):
     return app
 
 
+def _fresh_process():
+    """Forget every per-process memo, as a restarted server and sites would."""
+    from client import app as app_mod
+    from server.strategy import NODE_NAMES
+
+    site_lib._SITES.clear()
+    site_lib._dataset.cache_clear()
+    site_lib._teacher.cache_clear()
+    app_mod._config.cache_clear()
+    NODE_NAMES.clear()
+
+
 def _run(cfg, app=client_app, resume=False):
     grid = InProcessGrid(app, cfg.partition.sites)
-    return run_federation(grid, cfg, __import__("pathlib").Path(cfg.run.out_dir),
+    return run_federation(grid, cfg, Path(cfg.run.out_dir),
                           resume=resume, expected_sites=cfg.partition.sites)
 
 
@@ -99,7 +113,7 @@ def test_killed_server_resumes_to_the_identical_model(npz, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(cut, dies_in_round_3)
     assert checkpoint.load_checkpoint(tmp_path / "b" / "run")["round"] == 2
-    site_lib._SITES.clear()  # a restarted process starts with nothing in memory
+    _fresh_process()
     _run(cut, resume=True)
     got = checkpoint.load_checkpoint(tmp_path / "b" / "run")["arrays"]
     assert got.keys() == expected.keys()
@@ -111,7 +125,8 @@ def test_killed_server_resumes_to_the_identical_model(npz, tmp_path):
 
 def test_dp_clipping_bounds_every_site_update(npz, tmp_path):
     cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "federation.rounds=1",
-                      "privacy.dp=true", "privacy.clipping_norm=0.5",
+                      "privacy.dp=true", "teacher.head=local",
+                      "privacy.clipping_norm=0.5",
                       "privacy.noise_multiplier=0.0",
                       "federation.norm_outlier_factor=0")
     sent, norms = {}, []
@@ -160,3 +175,147 @@ def test_every_message_a_site_sends_carries_only_weights_and_scalars(npz, tmp_pa
         seen = _walk_reply(reply, image_count=10**9)
         prefixes |= {k.split(".")[0] for k in seen["arrays"]}
     assert prefixes == {"student", "head", "proj"}
+
+
+class _SilentGrid(InProcessGrid):
+    """A Grid on which one node's replies never arrive (a link down, a hung site)."""
+
+    def __init__(self, app, num_nodes, silent_node, phases):
+        super().__init__(app, num_nodes)
+        self.silent_node, self.phases = silent_node, phases
+
+    def send_and_receive(self, messages, *, timeout=None):
+        assert timeout is not None, "every wait must be bounded"
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return [
+            r
+            for r in replies
+            if not (
+                r.metadata.src_node_id == self.silent_node
+                and r.metadata.message_type in self.phases
+            )
+        ]
+
+
+def _run_on(grid, cfg, resume=False):
+    return run_federation(grid, cfg, Path(cfg.run.out_dir), resume=resume,
+                          expected_sites=cfg.partition.sites)
+
+
+def test_silent_site_is_recorded_and_the_round_completes(npz, tmp_path):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0")
+    _run_on(_SilentGrid(client_app, 3, 2, {"train", "evaluate"}), cfg)
+    rows = history.read_rows(tmp_path / "run" / "history.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["failed"] == [
+            "site-1: no reply within federation.round_timeout=3600s",
+            "site-1 (evaluate): no reply within federation.round_timeout=3600s",
+        ]
+        assert sorted(r["sites"]) == ["site-0", "site-2"]
+
+
+def test_silent_handshake_below_min_sites_stops(npz, tmp_path):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "federation.min_sites=3")
+    with pytest.raises(FedKDError, match="2 sites answered the handshake"):
+        _run_on(_SilentGrid(client_app, 3, 1, {"query"}), cfg)
+
+
+def test_missing_sites_time_out_the_handshake(npz, tmp_path):
+    import time
+
+    cfg = tiny_config(npz, tmp_path, "federation.round_timeout=0.5")
+    grid = InProcessGrid(client_app, 2)  # the third SuperNode never connects
+    t0 = time.monotonic()
+    with pytest.raises(FedKDError, match="only 2 of 3 sites connected within 0.5s"):
+        _run_on(grid, cfg)
+    assert time.monotonic() - t0 < 5
+
+
+def test_failed_attempt_is_retried_and_kept_in_history(npz, tmp_path):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "federation.min_sites=3",
+                      "federation.max_round_retries=1")
+    calls = {"n": 0}
+
+    def fails_once(msg, ctx):
+        if ctx.node_id == 1 and msg.metadata.message_type == "train":
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("scanner PC rebooted")
+        return client_app(msg, ctx)
+
+    _run(cfg, fails_once)
+    rows = history.read_rows(tmp_path / "run" / "history.jsonl")
+    assert [r["retries"] for r in rows] == [1, 0]
+    assert rows[0]["failed"] == ["attempt 1: site-0: RuntimeError: scanner PC rebooted"]
+    assert rows[1]["failed"] == []
+
+
+def test_dp_round_survives_a_failing_site(npz, tmp_path):
+    # Flower's DP wrapper alone skips a round on any error reply; ours screens first.
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "privacy.dp=true",
+                      "teacher.head=local", "privacy.clipping_norm=1.0",
+                      "privacy.noise_multiplier=0.1")
+    _run(cfg, _faulty(2, "raise"))
+    rows = history.read_rows(tmp_path / "run" / "history.jsonl")
+    assert [r["retries"] for r in rows] == [0, 0]
+    assert all(len(r["failed"]) == 1 and "disk full" in r["failed"][0] for r in rows)
+    assert rows[-1]["privacy"] == {"clipping_norm": 1.0, "noise_multiplier": 0.1,
+                                   "epsilon": None}
+
+
+def _dies_on_save_of(round_no):
+    real = checkpoint.save_checkpoint
+
+    def save(run_dir, server_round, *args, **kwargs):
+        if server_round == round_no:  # history row written, checkpoint not
+            raise KeyboardInterrupt("server killed while saving")
+        return real(run_dir, server_round, *args, **kwargs)
+
+    return save
+
+
+def test_killed_while_saving_resumes_to_the_identical_model(npz, tmp_path,
+                                                           monkeypatch):
+    base = ("federation.rounds=3", "teacher.head=federated",
+            "distill.feature_weight=0.5", "federation.strategy=fedprox")
+    _run(tiny_config(npz, tmp_path / "a", *base))
+    expected = checkpoint.load_checkpoint(tmp_path / "a" / "run")["arrays"]
+
+    cut = tiny_config(npz, tmp_path / "b", *base)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_checkpoint", _dies_on_save_of(2))
+        with pytest.raises(KeyboardInterrupt):
+            _run(cut)
+    run = tmp_path / "b" / "run"
+    assert [r["round"] for r in history.read_rows(run / "history.jsonl")] == [1, 2]
+    assert checkpoint.load_checkpoint(run)["round"] == 1
+    _fresh_process()
+    _run(cut, resume=True)
+    got = checkpoint.load_checkpoint(run)["arrays"]
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert np.array_equal(got[k], expected[k]), k
+    assert [r["round"] for r in history.read_rows(run / "history.jsonl")] == [1, 2, 3]
+
+
+def test_cli_resume_gives_the_uninterrupted_model(npz, tmp_path, monkeypatch, capsys):
+    from simulations.run import main
+    from tests.simulations.test_run import _args
+
+    extra = ("run.engine=inprocess", "federation.rounds=3", "federation.min_sites=2")
+    assert main(_args(npz, tmp_path / "a", *extra)) == 0
+    expected = checkpoint.load_checkpoint(tmp_path / "a" / "run")["arrays"]
+
+    _fresh_process()
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_checkpoint", _dies_on_save_of(3))
+        with pytest.raises(KeyboardInterrupt):
+            main(_args(npz, tmp_path / "b", *extra))
+    _fresh_process()
+    run = tmp_path / "b" / "run"
+    assert main(["--resume", str(run)]) == 0
+    got = checkpoint.load_checkpoint(run)["arrays"]
+    for k in expected:
+        assert np.array_equal(got[k], expected[k]), k
+    assert (run / "final" / "model.pt").is_file()
