@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         exp = load_experiment(args.experiment)
+        exp.report.setdefault("experiment_path", args.experiment)
         if args.seeds:
             exp.seeds = args.seeds
         extra = {}
