@@ -117,6 +117,7 @@ def _train_round(
 ):
     """Run one training round, retrying while fewer than min_sites replied."""
     fed = cfg.federation
+    earlier: list[str] = []  # failures of retried attempts, kept for the history
     for attempt in range(fed.max_round_retries + 1):
         # Seed node sampling per (seed, round) so a resumed run samples alike.
         random.seed(cfg.train.seed * 100_003 + rnd * 101 + attempt)
@@ -124,9 +125,13 @@ def _train_round(
         replies = grid.send_and_receive(msgs, timeout=fed.round_timeout)
         new_arrays, metrics = strategy.aggregate_train(rnd, replies)
         report = strategy.report
-        ok = report.received - len(report.failed) - len(report.rejected)
+        ok = report.accepted
         if new_arrays is not None and ok >= fed.min_sites:
+            report.failed[:0] = earlier
             return new_arrays, metrics, report, attempt
+        earlier += [
+            f"attempt {attempt + 1}: {f}" for f in report.failed + report.rejected
+        ]
         log.warning(
             "round %d attempt %d: %d usable replies < min_sites=%d "
             "(failed: %s; rejected: %s)",
@@ -171,10 +176,14 @@ def run_federation(
         log.warning(model_card.RANDOM_BANNER)
     strategy = build_strategy(cfg, len(infos))
     start = 1
+    last: dict[str, Any] = {}
     if resume:
         ckpt = checkpoint.load_checkpoint(run_dir)
         arrays = pack(ckpt["arrays"])
         start = int(ckpt["round"]) + 1
+        # A run killed after its last round but before `finish` has no round
+        # left to run; its card still needs that round's metrics.
+        last = dict(ckpt.get("last_row") or {})
         history.truncate_to_round(hist_path, int(ckpt["round"]))
         log.info("resuming %s after round %d", run_dir, ckpt["round"])
     else:
@@ -188,7 +197,6 @@ def run_federation(
     evaluator = GlobalEvaluator.maybe(cfg, classes)
     train_conf = _config_record(cfg, len(classes))
     eval_conf = _config_record(cfg, len(classes))
-    last: dict[str, Any] = {}
     for rnd in range(start, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
         arrays, train_metrics, report, retries = _train_round(
@@ -218,6 +226,14 @@ def run_federation(
             "bytes_up": report.bytes_up,
             "teacher_weights": teacher["weights_source"],
         }
+        if cfg.privacy.dp:
+            # epsilon stays None: Flower's accountant needs unweighted, unscreened
+            # FedAvg (see server/strategy.py ClientSideDP)
+            row["privacy"] = {
+                "clipping_norm": cfg.privacy.clipping_norm,
+                "noise_multiplier": cfg.privacy.noise_multiplier,
+                "epsilon": None,
+            }
         history.append_row(hist_path, row)
         checkpoint.save_checkpoint(
             run_dir,

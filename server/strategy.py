@@ -38,6 +38,8 @@ class RoundReport:
 
     sampled: int = 0
     received: int = 0
+    # replies that passed screening and went into the aggregate
+    accepted: int = 0
     failed: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -87,6 +89,23 @@ class SafeAggregation:
         self.cfg = cfg
         self.report = RoundReport()
         self._reference: ArrayRecord | None = None
+        # node ids each phase asked; a node missing from the replies timed out
+        self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}
+        # set by ClientSideDP, which screens before Flower's DP wrapper sees errors
+        self.prescreened = False
+
+    def _note_missing(self, phase: str, replies: list[Message]) -> None:
+        """Record every asked site that sent nothing back before the timeout."""
+        replied = {m.metadata.src_node_id for m in replies}
+        suffix = "" if phase == "train" else f" ({phase})"
+        for node in self._asked[phase]:
+            if node not in replied:
+                name = NODE_NAMES.get(node, f"node-{node}")
+                self.report.failed.append(
+                    f"{name}{suffix}: no reply within federation.round_timeout="
+                    f"{self.cfg.federation.round_timeout:g}s"
+                )
+                log.warning("site %s sent no %s reply in time", name, phase)
 
     # -- train ---------------------------------------------------------------
     def configure_train(
@@ -101,6 +120,7 @@ class SafeAggregation:
         )
         messages = list(super().configure_train(server_round, wire, config, grid))
         self.report.sampled = len(messages)
+        self._asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.report.bytes_down = sum(len(wire[k].data) for k in wire.keys()) * len(
             messages
         )
@@ -110,6 +130,7 @@ class SafeAggregation:
         """Drop failed, malformed, non-finite or outlying replies; record why."""
         replies = list(replies)
         self.report.received = len(replies)
+        self._note_missing("train", replies)
         good: list[Message] = []
         for msg in replies:
             name = _site_name(msg)
@@ -173,7 +194,8 @@ class SafeAggregation:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the screened replies with the wrapped Flower rule."""
-        good = self.screen_train_replies(replies)
+        good = list(replies) if self.prescreened else self.screen_train_replies(replies)
+        self.report.accepted = len(good)
         for msg in good:
             self.report.sites.setdefault(_site_name(msg), {}).update(
                 {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
@@ -183,12 +205,22 @@ class SafeAggregation:
         return super().aggregate_train(server_round, good)
 
     # -- evaluate ------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling; remember whom we asked, to name the silent ones."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._asked["evaluate"] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted means over the sites that reported each metric."""
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
+        replies = list(replies)
+        self._note_missing("evaluate", replies)
         for msg in replies:
             name = _site_name(msg)
             if msg.has_error():
@@ -272,3 +304,14 @@ class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
     def report(self) -> RoundReport:
         """The wrapped strategy's round report."""
         return self.strategy.report
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen first: Flower's wrapper skips a whole round on any error reply."""
+        good = self.strategy.screen_train_replies(replies)
+        self.strategy.prescreened = True
+        try:
+            return super().aggregate_train(server_round, good)
+        finally:
+            self.strategy.prescreened = False

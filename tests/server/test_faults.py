@@ -319,3 +319,25 @@ def test_cli_resume_gives_the_uninterrupted_model(npz, tmp_path, monkeypatch, ca
     for k in expected:
         assert np.array_equal(got[k], expected[k]), k
     assert (run / "final" / "model.pt").is_file()
+
+
+def test_killed_after_the_last_round_resumes_to_a_complete_card(npz, tmp_path,
+                                                               monkeypatch):
+    import json
+
+    from server import federation
+
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0")
+    with monkeypatch.context() as m:
+        m.setattr(federation, "finish", _raise_killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(cfg)
+    _fresh_process()
+    _run(cfg, resume=True)
+    card = json.loads((tmp_path / "run" / "final" / "model_card.json").read_text())
+    assert card["method"]["rounds"] == 2
+    assert "site_mean_acc" in card["metrics"]
+
+
+def _raise_killed(*args, **kwargs):
+    raise KeyboardInterrupt("server killed before the final model was written")
