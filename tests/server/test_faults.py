@@ -300,9 +300,14 @@ def test_killed_while_saving_resumes_to_the_identical_model(npz, tmp_path,
 
 
 def test_cli_resume_gives_the_uninterrupted_model(npz, tmp_path, monkeypatch, capsys):
+    import logging
+
     from simulations.run import main
     from tests.simulations.test_run import _args
 
+    # main() points the root logger at this test's captured stderr; put the
+    # handlers back so later tests do not log into a closed stream.
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     extra = ("run.engine=inprocess", "federation.rounds=3", "federation.min_sites=2")
     assert main(_args(npz, tmp_path / "a", *extra)) == 0
     expected = checkpoint.load_checkpoint(tmp_path / "a" / "run")["arrays"]
