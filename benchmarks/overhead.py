@@ -4,10 +4,10 @@
 
 Same 4 sites, same local SGD steps (1 epoch per round, no teacher), same
 per-round evaluation on each site's test part. The plain loop calls
-`common.train.train_local` / `evaluate` on every site in sequence. Threads:
-the Ray engine runs one single-thread actor per core; the plain loop and the
-in-process engine use torch's threads (all cores) — the fair reading is the
-ratio of steady-state round times at equal total cores.
+`common.train.train_local` / `evaluate` on every site in sequence, with the
+seeds the sites use. Threads: `train.num_threads=1` everywhere (the Ray actors,
+the in-process engine and the plain loop all train with one torch thread); Ray
+runs one actor per core, so it may use both cores where the other two use one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
+
+import torch
 
 from benchmarks._util import merge, parser, quick_overrides, table
 from client import site as site_lib
@@ -42,25 +44,35 @@ def _engine(engine: str, over: list[str], work, rounds: int) -> tuple[float, lis
     return wall, [r["seconds"] for r in rows]
 
 
-def _plain(over: list[str], rounds: int) -> list[float]:
+def _plain(over: list[str], rounds: int, threads: int) -> list[float]:
     cfg = load_config(None, over)
-    sites = [
-        site_lib.build_site(cfg, {"partition-id": i, "num-partitions": 4})
-        for i in range(4)
-    ]
-    times = []
-    for rnd in range(rounds):
-        t = time.perf_counter()
-        for s in sites:
-            model = create_student(cfg.student.arch, 2, s.channels)
-            train_local(model, s.train, cfg.train, cfg.distill, seed=rnd)
-            evaluate(model, s.test_x, s.test_y)
-        times.append(time.perf_counter() - t)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sites = [
+            site_lib.build_site(cfg, {"partition-id": i, "num-partitions": 4})
+            for i in range(4)
+        ]
+        times = []
+        for rnd in range(1, rounds + 1):
+            t = time.perf_counter()
+            for s in sites:
+                model = create_student(cfg.student.arch, 2, s.channels)
+                seed = site_lib._site_seed(cfg, rnd, s)
+                train_local(model, s.train, cfg.train, cfg.distill, seed=seed)
+                evaluate(model, s.test_x, s.test_y)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
     return times
 
 
-def run(quick: bool, out, work) -> dict:
-    """Measure; merge overhead_ratio_steady and engine_startup_s into `out`."""
+def run(quick: bool, out, work, engines=("ray", "inprocess")) -> dict:
+    """Measure; merge overhead_ratio_steady and engine_startup_s into `out`.
+
+    `engines` lets the smoke test skip Ray's start-up; the keys of an engine
+    that did not run are left out.
+    """
     work.mkdir(parents=True, exist_ok=True)
     base = (
         quick_overrides(work) if quick else ["data.source=br35h", "data.image_size=64"]
@@ -69,48 +81,35 @@ def run(quick: bool, out, work) -> dict:
         *base,
         "partition.sites=4",
         "distill.alpha=1.0",
+        "train.num_threads=1",
         f"data.cache_dir={work / 'cache'}",
     ]
     rounds = 2 if quick else 5
-    ray_wall, ray_rounds = _engine("ray", over, work, rounds)
-    ip_wall, ip_rounds = _engine("inprocess", over, work, rounds)
-    plain = _plain(over, rounds)
     steady = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs)  # noqa: E731
-    keys = {
-        "overhead_ratio_steady": round(steady(ray_rounds) / steady(plain), 3),
-        "overhead_ratio_steady_inprocess": round(steady(ip_rounds) / steady(plain), 3),
-        "engine_startup_s": round(ray_wall - sum(ray_rounds), 1),
-        "engine_startup_s_inprocess": round(ip_wall - sum(ip_rounds), 1),
-    }
-    detail = {
-        "ray_round_s": ray_rounds,
-        "inprocess_round_s": ip_rounds,
-        "plain_round_s": plain,
-        "ray_wall_s": ray_wall,
-        "inprocess_wall_s": ip_wall,
+    detail: dict = {
+        "threads": "train.num_threads=1 in the engines and the plain loop",
         "note": "start-up = whole run wall time minus the rounds: process and "
         "engine start, data load, handshake, final model and card",
     }
+    plain = _plain(over, rounds, threads=1)
+    detail["plain_round_s"] = plain
+    keys: dict = {}
+    rows = [("plain loop round, 1 thread (s)", [round(x, 2) for x in plain])]
+    suffix = {"ray": "", "inprocess": "_inprocess"}
+    for engine in engines:
+        wall, rounds_s = _engine(engine, over, work, rounds)
+        detail[f"{engine}_round_s"], detail[f"{engine}_wall_s"] = rounds_s, wall
+        ratio = round(steady(rounds_s) / steady(plain), 3)
+        start = round(wall - sum(rounds_s), 1)
+        keys[f"overhead_ratio_steady{suffix[engine]}"] = ratio
+        keys[f"engine_startup_s{suffix[engine]}"] = start
+        rows += [
+            (f"{engine} round (s)", [round(x, 2) for x in rounds_s]),
+            (f"steady ratio {engine} / plain (median, rounds 2..)", ratio),
+            (f"start-up + wrap-up, {engine} (s)", start),
+        ]
     merge(out, "overhead", keys, detail)
-    print(
-        table(
-            [
-                ("plain loop round (s)", [round(x, 2) for x in plain]),
-                ("ray engine round (s)", [round(x, 2) for x in ray_rounds]),
-                ("in-process round (s)", [round(x, 2) for x in ip_rounds]),
-                ("steady ratio ray / plain", keys["overhead_ratio_steady"]),
-                (
-                    "steady ratio in-process / plain",
-                    keys["overhead_ratio_steady_inprocess"],
-                ),
-                ("start-up + wrap-up, ray (s)", keys["engine_startup_s"]),
-                (
-                    "start-up + wrap-up, in-process (s)",
-                    keys["engine_startup_s_inprocess"],
-                ),
-            ]
-        )
-    )
+    print(table(rows))
     return keys
 
 

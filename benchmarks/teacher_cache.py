@@ -49,6 +49,11 @@ def run(quick: bool, out, work) -> dict:
     ]
     fill = time.perf_counter() - t0
     teacher = site_lib.teacher_for(cfg)
+    print(
+        f"teacher {teacher.describe()['arch']}: weights={cfg.teacher.weights} "
+        "(RANDOM-INIT: timing only, its outputs mean nothing)",
+        flush=True,
+    )
     arrays = pack(initial_arrays(cfg, 2, sites[0].channels, 0))
     raw = [
         site_lib.site_data(cfg, {"partition-id": i, "num-partitions": 4})

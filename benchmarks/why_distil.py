@@ -40,9 +40,17 @@ def run(quick: bool, out, work) -> dict:
         s_arch, s_size = "fedkd_cnn_small", 64
     from common.data.sources import load_dataset
 
-    ds = load_dataset("br35h", tcfg.image_size, work / "cache")
+    # Quick mode reads the small chest X-ray npz (offline); the full run Br35H.
+    source = "br35h"
+    if quick:
+        from benchmarks._util import quick_overrides
+
+        source = quick_overrides(work)[0].split("=", 1)[1]
+    ds = load_dataset(source, tcfg.image_size, work / "cache")
     images = ds.test.images[:n]
+    n = len(images)
     teacher = load_teacher(tcfg)
+    print(f"teacher {tcfg.arch}: RANDOM-INIT weights (timing only)", flush=True)
     student = create_student(s_arch, 2, 1).eval()
 
     def student_pass() -> None:

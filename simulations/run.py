@@ -128,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {root}", file=sys.stderr)
         return 1
     m = card["metrics"]
+
+    def fmt(key: str) -> str:
+        return f"{m[key]:.4f}" if isinstance(m.get(key), (int, float)) else "n/a"
+
     print(
         f"done in {time.perf_counter() - t0:.0f}s: site-mean acc "
-        f"{m.get('site_mean_acc', float('nan')):.4f}, global acc "
-        f"{m.get('global_acc', float('nan')):.4f}; teacher weights: "
+        f"{fmt('site_mean_acc')}, global acc {fmt('global_acc')}; teacher weights: "
         f"{card['teacher']['weights_source']}"
     )
     if card["teacher"]["weights_source"] == "random":

@@ -1,18 +1,28 @@
-"""Each benchmark runs end to end on tiny settings (they are not run in full here)."""
+"""Each benchmark's function runs end to end on tiny settings (< 60 s in all).
+
+Tiny settings (`--quick`): the pneumonia npz cut down by `tests.helpers.small_npz`,
+a random-init ViT-Tiny teacher at 32 px, `fedkd_cnn_tiny` at 28 px, 2 rounds.
+The overhead benchmark skips Ray here (its start-up alone is tens of seconds);
+the full run measures both engines.
+"""
 
 import json
 
 import pytest
 
-from benchmarks import comm, overhead, scale, teacher_cache, why_distil
+from benchmarks import comm, overhead, run_all, scale, teacher_cache, why_distil
+from tests.helpers import small_npz
 
 
 @pytest.mark.slow
 def test_benchmarks_run_on_tiny_settings(pneumonia_npz, tmp_path):
+    # quick_overrides() reuses <work>/small.npz when it is there.
+    small_npz(pneumonia_npz, tmp_path / "small.npz")
     out = tmp_path / "results.json"
     why_distil.run(True, out, tmp_path)
     teacher_cache.run(True, out, tmp_path)
     comm.run(True, out, tmp_path)
+    overhead.run(True, out, tmp_path, engines=("inprocess",))
     scale.run(True, out, tmp_path)
     data = json.loads(out.read_text())
     for key in (
@@ -22,12 +32,26 @@ def test_benchmarks_run_on_tiny_settings(pneumonia_npz, tmp_path):
         "bytes_per_site_round_fp32",
         "bytes_per_site_round_fp16",
         "fp16_acc_delta",
+        "overhead_ratio_steady_inprocess",
+        "engine_startup_s_inprocess",
         "per_site_fixed_cost_s",
+        "sites6_round_s",
+        "sites6_peak_rss_gib",
     ):
         assert key in data, key
     assert data["bytes_per_site_round_fp16"] < 0.6 * data["bytes_per_site_round_fp32"]
     assert data["cache_speedup"] > 0 and data["cache_fill_s"] >= 0
+    assert data["student_vs_teacher_speedup"] > 0
+    assert 0 < data["sites6_peak_rss_gib"] < 8
+    assert set(data["details"]) == {
+        "why_distil",
+        "teacher_cache",
+        "comm",
+        "overhead",
+        "scale",
+    }
 
 
-def test_overhead_has_a_plain_loop_baseline():
-    assert callable(overhead.run) and "plain" in overhead.__doc__
+def test_run_all_covers_every_benchmark():
+    names = {m.__name__.rsplit(".", 1)[-1] for m in run_all.BENCHMARKS}
+    assert names == {"why_distil", "teacher_cache", "comm", "overhead", "scale"}
