@@ -239,8 +239,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isnan(float(value)):
-                raise ConfigError(f"config key '{key}' is NaN; give a number")
+            if not math.isfinite(float(value)):
+                raise ConfigError(
+                    f"config key '{key}' is {value!r}; give a finite number"
+                )
             return float(value)
     elif typ is str:
         if isinstance(value, str):
@@ -415,9 +417,9 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Turn ``["section.key=value", ...]`` into a nested dict; reject bad syntax."""
-    nested: dict[str, dict[str, Any]] = {}
+def _split_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """``["section.key=value", ...]`` -> [(section, key, raw text)]; check syntax."""
+    out = []
     for item in items:
         item = item.strip()
         if not item:
@@ -434,11 +436,32 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, A
                 f"bad override key {dotted!r}: expected section.key, "
                 "e.g. teacher.weights"
             )
-        value = _parse_scalar(raw.strip())
-        # Paths and model names may look like numbers to YAML; keep strings where
-        # the declared type is str.
-        nested.setdefault(parts[0], {})[parts[1]] = value
+        out.append((parts[0], parts[1], raw.strip()))
+    return out
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Turn ``["section.key=value", ...]`` into a nested dict; reject bad syntax."""
+    nested: dict[str, dict[str, Any]] = {}
+    for sec, key, raw in _split_items(items):
+        nested.setdefault(sec, {})[key] = _parse_scalar(raw)
     return nested
+
+
+def _keep_override_text(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """Str-typed keys take the override's text as written (quotes removed): YAML
+    would read ``run.name=yes`` as true, ``data.cache_dir=~`` as null, ``0.10``
+    as 0.1 and drop `` #x`` as a comment."""
+    sections = _section_fields(ExperimentConfig)
+    for sec, key, raw in _split_items(items):
+        if sec not in sections:
+            continue
+        valid = _section_fields(sections[sec].default_factory)  # type: ignore[misc]
+        if key in valid and valid[key].type in (str, "str"):
+            quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+            parsed = _parse_scalar(raw) if quoted else raw
+            data[sec][key] = parsed if isinstance(parsed, str) else raw
+    return data
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -474,6 +497,7 @@ def config_from_dict(
 ) -> ExperimentConfig:
     """Build a validated config from a nested dict plus dotted overrides."""
     merged = _merge(data or {}, parse_overrides(overrides or []))
+    merged = _keep_override_text(merged, list(overrides or []))
     return _build(_stringify_str_fields(merged))
 
 

@@ -178,6 +178,13 @@ def run_federation(
     start = 1
     last: dict[str, Any] = {}
     if resume:
+        if cfg.federation.strategy == "local":
+            # Each site's own model lives only in its process (context.state);
+            # the checkpoint holds an average nobody trains from.
+            raise FederationError(
+                f"cannot resume {run_dir}: with federation.strategy=local each "
+                "site's model is kept only in its process; start the run again"
+            )
         ckpt = checkpoint.load_checkpoint(run_dir)
         arrays = pack(ckpt["arrays"])
         start = int(ckpt["round"]) + 1

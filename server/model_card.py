@@ -66,6 +66,13 @@ def build_card(
                 "enabled": cfg.privacy.dp,
                 "clipping_norm": cfg.privacy.clipping_norm,
                 "noise_multiplier": cfg.privacy.noise_multiplier,
+                # Flower's PrivacyAccountant only accounts its own unweighted,
+                # unscreened FedAvg; ours weights by examples and screens replies.
+                "epsilon": None,
+                "epsilon_note": "not computed: Flower's accountant needs unweighted, "
+                "unscreened FedAvg (docs/security.md)"
+                if cfg.privacy.dp
+                else "DP off",
             },
         },
         "teacher": teacher,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -81,6 +82,20 @@ def _update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
     return math.sqrt(total)
 
 
+class _Snapshot:
+    """A Grid whose node list is fixed, so Flower's sampling sees what we checked."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        """The node ids connected when the round was configured."""
+        return list(self._nodes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 class SafeAggregation:
     """Mixin over a Flower strategy: validate, record and dtype-convert replies."""
 
@@ -107,6 +122,31 @@ class SafeAggregation:
                 )
                 log.warning("site %s sent no %s reply in time", name, phase)
 
+    def _connected_nodes(self, grid: Grid, needed: int, phase: str) -> list[int]:
+        """Connected node ids once `needed` are online, or [] after round_timeout.
+
+        Flower's `sample_nodes` polls without a deadline until its minimum is
+        connected, so a site lost for good would hang the server. Waiting here
+        first turns it into a recorded failure (and a retried round).
+        """
+        timeout = self.cfg.federation.round_timeout
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < needed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                suffix = "" if phase == "train" else f" ({phase})"
+                self.report.failed.append(
+                    f"server{suffix}: only {len(nodes)} of the {needed} sites "
+                    f"needed were connected within federation.round_timeout="
+                    f"{timeout:g}s"
+                )
+                log.warning(
+                    "%s: only %d of %d sites connected", phase, len(nodes), needed
+                )
+                return []
+            time.sleep(min(1.0, left))
+        return nodes
+
     # -- train ---------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -118,7 +158,15 @@ class SafeAggregation:
             {k: arrays[k].numpy() for k in arrays.keys()},
             self.cfg.federation.transfer_dtype,
         )
-        messages = list(super().configure_train(server_round, wire, config, grid))
+        nodes = self._connected_nodes(
+            grid, max(self.min_available_nodes, self.min_train_nodes), "train"
+        )
+        if not nodes:
+            self._asked["train"] = []
+            return []
+        messages = list(
+            super().configure_train(server_round, wire, config, _Snapshot(grid, nodes))
+        )
         self.report.sampled = len(messages)
         self._asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.report.bytes_down = sum(len(wire[k].data) for k in wire.keys()) * len(
@@ -209,7 +257,17 @@ class SafeAggregation:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's sampling; remember whom we asked, to name the silent ones."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        nodes = self._connected_nodes(
+            grid, max(self.min_available_nodes, self.min_evaluate_nodes), "evaluate"
+        )
+        if not nodes:
+            self._asked["evaluate"] = []
+            return []
+        messages = list(
+            super().configure_evaluate(
+                server_round, arrays, config, _Snapshot(grid, nodes)
+            )
+        )
         self._asked["evaluate"] = [m.metadata.dst_node_id for m in messages]
         return messages
 

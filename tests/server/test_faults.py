@@ -262,6 +262,13 @@ def test_dp_round_survives_a_failing_site(npz, tmp_path):
     assert all(len(r["failed"]) == 1 and "disk full" in r["failed"][0] for r in rows)
     assert rows[-1]["privacy"] == {"clipping_norm": 1.0, "noise_multiplier": 0.1,
                                    "epsilon": None}
+    import json
+
+    card = json.loads((tmp_path / "run" / "final" / "model_card.json").read_text())
+    dp = card["method"]["dp"]
+    assert (dp["enabled"], dp["clipping_norm"], dp["noise_multiplier"]) == (
+        True, 1.0, 0.1)
+    assert dp["epsilon"] is None and "not computed" in dp["epsilon_note"]
 
 
 def _dies_on_save_of(round_no):
@@ -346,3 +353,58 @@ def test_killed_after_the_last_round_resumes_to_a_complete_card(npz, tmp_path,
 
 def _raise_killed(*args, **kwargs):
     raise KeyboardInterrupt("server killed before the final model was written")
+
+
+class _ShrinkingGrid(InProcessGrid):
+    """A Grid on which one SuperNode disconnects for good after the handshake."""
+
+    def __init__(self, app, num_nodes, lost_node):
+        super().__init__(app, num_nodes)
+        self.lost_node, self.handshake_done = lost_node, False
+
+    def get_node_ids(self):
+        nodes = super().get_node_ids()
+        return [n for n in nodes if not (self.handshake_done and n == self.lost_node)]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        assert timeout is not None, "every wait must be bounded"
+        messages = list(messages)
+        # The in-process Grid serves sites one after another; let every
+        # connected site answer however short the test's timeout is.
+        replies = super().send_and_receive(messages, timeout=None)
+        self.handshake_done = True
+        return replies
+
+
+@pytest.mark.parametrize("min_sites", [2, 3])
+def test_a_lost_site_never_makes_sampling_wait_forever(npz, tmp_path, min_sites):
+    import time
+
+    # Flower's sample_nodes polls with no deadline until min_available_nodes are
+    # connected; the strategy bounds that wait by federation.round_timeout.
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0",
+                      f"federation.min_sites={min_sites}",
+                      "federation.round_timeout=0.3", "federation.max_round_retries=1")
+    grid = _ShrinkingGrid(client_app, 3, lost_node=2)
+    t0 = time.monotonic()
+    if min_sites == 2:  # enough sites remain: every round completes without it
+        _run_on(grid, cfg)
+        rows = history.read_rows(tmp_path / "run" / "history.jsonl")
+        assert [sorted(r["sites"]) for r in rows] == [["site-0", "site-2"]] * 2
+    else:  # too few remain: each attempt times out, then one clear error
+        with pytest.raises(FedKDError, match="fewer than federation.min_sites=3") as e:
+            _run_on(grid, cfg)
+        assert "only 2 of the 3 sites needed were connected" in str(e.value)
+        assert "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 30
+
+
+def test_resuming_a_local_only_run_is_refused(npz, tmp_path):
+    # Sites keep their own models in context.state, which a restart loses;
+    # resuming would silently train from the checkpointed average instead.
+    cfg = tiny_config(npz, tmp_path, "federation.strategy=local",
+                      "federation.rounds=1")
+    _run(cfg)
+    _fresh_process()
+    with pytest.raises(FedKDError, match="federation.strategy=local"):
+        _run(cfg, resume=True)

@@ -79,6 +79,9 @@ CASES = [
      lambda t: ["--set", "distill.alpha=1.5"], "'distill.alpha' = 1.5 is out of range"),
     ("config-temperature", "temperature <= 0",
      lambda t: ["--set", "distill.temperature=0"], "'distill.temperature'"),
+    ("config-infinite", "infinite timeout",
+     lambda t: ["--set", "federation.round_timeout=.inf"],
+     "'federation.round_timeout' is inf; give a finite number"),
     ("config-strategy", "unknown strategy",
      lambda t: ["--set", "federation.strategy=fedsgd"], "choose one of: fedavg"),
     ("config-sites-gt-samples", "more sites than samples",
@@ -105,6 +108,9 @@ CASES = [
     ("data-label-range", "negative label",
      lambda t: ["--set", "data.source=npz:" + str(_npz(
          t / 'l.npz', train_labels=np.full((60, 1), -1, np.int64)))], "label"),
+    ("data-count-mismatch", "fewer labels than images",
+     lambda t: ["--set", "data.source=npz:" + str(_npz(
+         t / 'c.npz', train_labels=np.zeros((59, 1), np.uint8)))], "train_labels"),
     ("data-empty-class-folder", "empty class folder",
      lambda t: ["--set", f"data.source=folder:{_folder(t / 'f', empty_class=True)}"],
      "malignant"),
@@ -172,6 +178,18 @@ def test_bad_input_gets_one_named_line(case_id, what, make, needle, tmp_path):
     assert needle in lines[0], f"{case_id}: {lines[0]!r} lacks {needle!r}"
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists(), "a failed start left a run folder"
+
+
+def test_too_many_sites_fail_before_the_engine_starts(tmp_path, monkeypatch):
+    import simulations.engine
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the Simulation Engine was started")
+
+    monkeypatch.setattr(simulations.engine, "simulate", no_engine)
+    make = dict((c[0], c[2]) for c in CASES)["config-sites-gt-samples"]
+    code, _, err = run_case(lambda t: [*make(t), "--set", "run.engine=ray"], tmp_path)
+    assert code == 2 and "partition.min_site_size" in err
 
 
 def test_debug_shows_the_traceback(tmp_path):
