@@ -61,7 +61,7 @@ def _plain(over: list[str], rounds: int, threads: int) -> list[float]:
             t = time.perf_counter()
             for s in sites:
                 model = create_student(cfg.student.arch, 2, s.channels)
-                seed = site_lib._site_seed(cfg, rnd, s)
+                seed = site_lib.site_seed(cfg, rnd, s.name)
                 train_local(model, s.train, cfg.train, cfg.distill, seed=seed)
                 evaluate(model, s.test_x, s.test_y)
             times.append(time.perf_counter() - t)

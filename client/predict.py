@@ -3,8 +3,9 @@
     python -m client.predict --model RUN_DIR_OR_MODEL_PT INPUT... [--out preds.csv]
 
 INPUT is any mix of image files (PNG, JPEG, ...), folders (searched recursively,
-files in sorted order) and MedMNIST-layout .npz files (`--npz-split`, default
-test; rows are named `file.npz#test[i]`). The CSV (stdout unless --out) has one
+files in sorted order, hidden ones skipped: the walk training uses) and
+MedMNIST-layout .npz files (`--npz-split`, default test; rows are named
+`file.npz#test[i]`). The CSV (stdout unless --out) has one
 row per image: path, predicted label, and `p_<label>` per class.
 
 Images are decoded and resized exactly as the sites decoded them for training:
@@ -35,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.data.folder import IMAGE_SUFFIXES
+from common.data.folder import IMAGE_SUFFIXES, image_files
 from common.data.folder import decode_file as decode_as_training  # sites' decoder
 from common.data.types import resize_images
 from common.data.views import to_student_tensor
@@ -145,8 +146,7 @@ def collect_inputs(args: list[str | Path], meta: ModelMeta,
     for arg in args:
         p = Path(arg).expanduser()
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*")
-                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            files = image_files(p)  # the same walk as a training class folder
             if not files:
                 out.skipped.append(Skipped(str(p), "folder has no image files "
                                            f"({', '.join(IMAGE_SUFFIXES)})"))

@@ -8,6 +8,7 @@ cached teacher features) once per process; `train_round`, `evaluate_round` and
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from common.data.sites import SiteData, build_sites, load_site
 from common.data.sources import load_dataset
 from common.data.views import apply_view, decode_size, to_student_tensor
 from common.distill.cache import FeatureCache, teacher_cache_key
+from common.distill.gate import gate_weight
 from common.errors import DataError
+from common.metrics import balanced_accuracy
 from common.models.head import fit_head, head_logits, train_head
 from common.models.student import create_student
 from common.models.teacher import FrozenTeacher, load_teacher
@@ -35,7 +38,14 @@ from common.serialization import (
     module_arrays,
     pack,
 )
-from common.train import LocalData, evaluate, evaluate_logits, train_local
+from common.train import (
+    LocalData,
+    evaluate,
+    evaluate_logits,
+    predict_proba,
+    round_lr,
+    train_local,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +168,9 @@ def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
     """Decode, shift, view and featurise one site's data."""
     raw = site_data(cfg, node_config)
     cache_root = node_config.get("cache-dir", cfg.teacher.cache_dir)
-    views = cfg.teacher.views if uses_teacher(cfg) else 1
+    # Every method trains on the same fixed views, so augmentation is equal
+    # across methods; the teacher's targets are cached for exactly these views.
+    views = cfg.teacher.views if cfg.train.augment else 1
     size = cfg.data.image_size
     x = torch.stack(
         [to_student_tensor(apply_view(raw.train.images, v), size) for v in range(views)]
@@ -206,30 +218,36 @@ def get_site(cfg: ExperimentConfig, node_config: dict) -> Site:
 def site_info(cfg: ExperimentConfig, site: Site) -> dict:
     """Scalar facts about the site for the server's handshake (no data)."""
     classes = site.classes
-    return {
+    info = {
         "classes": list(classes),
         "num-train": site.train.n,
         "num-test": int(site.test_y.shape[0]),
         "num-labelled": int(site.train.labelled.sum()),
         "channels": site.channels,
         "num-classes": len(classes),
-        "class-counts": [int(c) for c in site.class_counts],
         "teacher-used": bool(site.teacher_info.get("used", False)),
         "teacher-weights": str(site.teacher_info.get("weights_source", "none")),
         "teacher-feature-dim": int(site.teacher_info.get("feature_dim", 0)),
     }
+    if cfg.privacy.share_class_counts:  # the site's prevalence, exactly
+        info["class-counts"] = [int(c) for c in site.class_counts]
+    return info
 
 
-def _site_seed(cfg: ExperimentConfig, server_round: int, site: Site) -> int:
-    # Same seed, round and site -> same local run, so resumed runs match exactly.
-    return (cfg.train.seed * 1_000_003 + server_round * 7919 + hash_name(site.name)) % (
+def site_seed(cfg: ExperimentConfig, server_round: int, name: str) -> int:
+    """The local training seed of site `name` in `server_round`.
+
+    Same seed, round and site -> same local run, so resumed runs match exactly.
+    """
+    return (cfg.train.seed * 1_000_003 + server_round * 7919 + hash_name(name)) % (
         2**31
     )
 
 
 def hash_name(name: str) -> int:
-    """A stable (not salted) small hash of a site name."""
-    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % 100_003
+    """A stable (not salted) hash of the full site name (SHA-256, 31 bits)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _head_for_round(
@@ -308,6 +326,32 @@ def make_proj(student: nn.Module, feature_dim: int) -> nn.Linear:
     return nn.Linear(student.num_features, feature_dim)
 
 
+def kd_gate(
+    cfg: ExperimentConfig, site: Site, student: nn.Module, head: nn.Linear
+) -> tuple[float, dict[str, float]]:
+    """(weight of the teacher's terms this round, metrics to log) for this site.
+
+    Teacher probe and the received student are compared by balanced ACC on the
+    site's held-out test part, which neither trains on (common/distill/gate.py).
+    """
+    if not cfg.distill.gate or site.feats_test is None or len(site.test_y) == 0:
+        return 1.0, {"kd_weight": 1.0}
+    y = site.test_y.numpy()
+    with torch.no_grad():
+        t_probs = torch.softmax(head_logits(head, site.feats_test).float(), dim=1)
+    s_probs = predict_proba(student, site.test_x)
+    t_score = balanced_accuracy(y, t_probs.numpy())
+    s_score = balanced_accuracy(y, s_probs.numpy())
+    w = gate_weight(
+        t_score, s_score, floor=cfg.distill.gate_floor, margin=cfg.distill.gate_margin
+    )
+    return w, {
+        "kd_weight": w,
+        "gate_teacher_bacc": t_score,
+        "gate_student_bacc": s_score,
+    }
+
+
 def train_round(
     cfg: ExperimentConfig,
     site: Site,
@@ -318,7 +362,7 @@ def train_round(
     proximal_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """One round of local KD; returns (arrays to send, scalar metrics)."""
-    seed = _site_seed(cfg, server_round, site)
+    seed = site_seed(cfg, server_round, site.name)
     student = make_student(cfg, num_classes, site.channels)
     source = _student_source(cfg, state, arrays)
     load_into(student, source, STUDENT_PREFIX)
@@ -326,10 +370,13 @@ def train_round(
     out: dict[str, np.ndarray] = {}
     metrics: dict[str, float] = {}
     data = site.train
+    kd_weight = 1.0
     if uses_teacher(cfg):
         target_head, send_head = _head_for_round(
             cfg, site, arrays, state, num_classes, seed
         )
+        kd_weight, gate_metrics = kd_gate(cfg, site, student, target_head)
+        metrics.update(gate_metrics)
         with torch.no_grad():
             logits = head_logits(
                 target_head, site.feats_train.reshape(-1, site.feats_train.shape[-1])
@@ -355,6 +402,8 @@ def train_round(
             seed=seed,
             proj=proj,
             proximal_mu=proximal_mu,
+            lr=round_lr(cfg.train, server_round, cfg.federation.rounds),
+            kd_weight=kd_weight,
         )
     )
     out.update(module_arrays(student, STUDENT_PREFIX))

@@ -15,6 +15,16 @@ def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == labels).mean())
 
 
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in `labels`."""
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) == 0:
+        return math.nan
+    pred = probs.argmax(axis=1)
+    recalls = [float((pred[labels == c] == c).mean()) for c in np.unique(labels)]
+    return float(np.mean(recalls))
+
+
 def auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC as MedMNIST's evaluator computes it; NaN where it is undefined.
 
@@ -37,9 +47,10 @@ def auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def summarize(labels: np.ndarray, probs: np.ndarray, loss: float) -> dict[str, float]:
-    """ACC, AUC, loss and count in one dict (the keys sent over the wire)."""
+    """ACC, balanced ACC, AUC, loss and count (the keys sent over the wire)."""
     return {
         "acc": accuracy(labels, probs),
+        "bacc": balanced_accuracy(labels, probs),
         "auc": auc(labels, probs),
         "loss": float(loss),
         "num-examples": float(len(labels)),

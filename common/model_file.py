@@ -1,14 +1,17 @@
 """The deployable student file: one writer, one reader.
 
 `save_student` writes `final/model.pt` (weights, arch, classes and the exact
-preprocessing used in training); `load_model` reads it back for prediction and
-export, refusing files whose recorded preprocessing this code does not
-implement.
+preprocessing used in training) with a SHA-256 over all of it; `load_model`
+reads it back for prediction and export, refusing files whose hash does not
+match (a flipped byte, edited classes or image size), whose weights are not
+finite, or whose recorded preprocessing this code does not implement.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -29,9 +32,13 @@ from common.serialization import STUDENT_PREFIX
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "fedkd-student-1"
+MODEL_FORMAT = "fedkd-student-2"  # -2: carries "sha256" (files of -1 do not)
 REQUIRED_KEYS = ("arch", "num_classes", "in_chans", "classes", "preprocess",
-                 "state_dict")
+                 "state_dict", "sha256")
+# Everything the hash covers besides the weights: what inference reads.
+HASHED_META = ("format", "arch", "num_classes", "in_chans", "classes", "preprocess",
+               "teacher", "config_yaml")
+EXPORT_FORMAT = "fedkd-export-1"  # sidecar JSON of server.export, tied to a hash
 RESIZE = "bilinear-antialias"  # what to_student_tensor implements
 
 
@@ -50,6 +57,7 @@ class ModelMeta:
     std: float
     preprocess: dict[str, Any]  # the stored preprocess block, verbatim
     teacher: dict[str, Any] = field(default_factory=dict)  # as in the model card
+    sha256: str = ""           # content hash of weights + metadata (checked on load)
 
     @property
     def pil_mode(self) -> str:
@@ -92,6 +100,12 @@ def _read_payload(path: Path) -> dict[str, Any]:
             f"{first[:160]}); pass final/model.pt of a finished run"
         ) from err
     fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt == "fedkd-student-1":
+        raise CheckpointError(
+            f"{path} has format {fmt!r}, written before model files carried a "
+            "SHA-256, so its integrity cannot be checked; re-create it with this "
+            "fedkd version"
+        )
     if fmt != MODEL_FORMAT:
         raise CheckpointError(
             f"{path} has format {fmt!r}, expected {MODEL_FORMAT!r}; pass "
@@ -100,7 +114,43 @@ def _read_payload(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path} lacks keys {missing}; the file is incomplete")
+    digest = content_hash(payload)
+    if digest != payload["sha256"]:
+        raise CheckpointError(
+            f"{path} fails its integrity check: SHA-256 of weights and metadata is "
+            f"{digest[:12]}..., the file records {str(payload['sha256'])[:12]}...; "
+            "it was corrupted or edited, use an intact copy of final/model.pt"
+        )
+    check_finite(path, payload["state_dict"])
     return payload
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype and shape (0-d included)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def content_hash(payload: dict[str, Any]) -> str:
+    """SHA-256 over the weights (names, dtypes, shapes, bytes) and HASHED_META."""
+    h = hashlib.sha256()
+    meta = {k: payload.get(k) for k in HASHED_META}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name in sorted(payload["state_dict"]):
+        t = payload["state_dict"][name]
+        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf: they predict the first class for all."""
+    bad = [k for k, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or inf, e.g. {bad[:3]}; "
+            "the model is unusable, use an earlier checkpoint or retrain"
+        )
 
 
 def _teacher_image_size(payload: dict[str, Any]) -> int | None:
@@ -150,6 +200,7 @@ def _meta(path: Path, payload: dict[str, Any]) -> ModelMeta:
         std=float(std),
         preprocess=pre,
         teacher=dict(payload.get("teacher") or {}),
+        sha256=str(payload["sha256"]),
     )
 
 
@@ -172,8 +223,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
     return model, meta
 
 
-
-
 def save_student(
     path: Path,
     arrays: dict[str, np.ndarray],
@@ -182,7 +231,10 @@ def save_student(
     channels: int,
     teacher: dict[str, Any],
 ) -> None:
-    """Write the student's weights with everything inference needs."""
+    """Write the student's weights with everything inference needs, and its hash.
+
+    Refuses non-finite weights; removes exports of an earlier model beside it.
+    """
     state = {
         k[len(STUDENT_PREFIX) :]: torch.from_numpy(np.array(v))
         for k, v in arrays.items()
@@ -206,6 +258,31 @@ def save_student(
         "teacher": teacher,
         "config_yaml": cfg.to_yaml(),
     }
+    check_finite(path, state)
+    payload["sha256"] = content_hash(payload)
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
+    remove_stale_exports(path.parent, payload["sha256"])
+
+
+def remove_stale_exports(folder: Path, sha256: str) -> list[Path]:
+    """Delete exports (and sidecars) in `folder` made from another model hash."""
+    removed = []
+    for sidecar in sorted(folder.glob("*.json")):
+        try:
+            info = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+            continue
+        if info.get("model_sha256") == sha256:
+            continue
+        for stale in (folder / str(info.get("file", "")), sidecar):
+            if stale.is_file() and stale.parent == folder:
+                stale.unlink()
+                removed.append(stale)
+        log.warning("removed export %s of an earlier model (sha256 %s); export "
+                    "the new model again", info.get("file"),
+                    str(info.get("model_sha256"))[:12])
+    return removed

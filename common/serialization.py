@@ -26,6 +26,21 @@ ALLOWED_PREFIXES = (STUDENT_PREFIX, HEAD_PREFIX, PROJ_PREFIX)
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def _to_wire(key: str, value: np.ndarray, wire: type) -> np.ndarray:
+    """`value` cast to the wire dtype; refuse finite values the cast would make inf."""
+    limit = float(np.finfo(wire).max)
+    finite = value[np.isfinite(value)]
+    over = int(np.count_nonzero(np.abs(finite) > limit)) if finite.size else 0
+    if over:
+        raise MessageError(
+            f"array '{key}' has {over} value(s) outside the "
+            f"{np.dtype(wire).name} range +-{limit:g} (largest "
+            f"{float(np.abs(finite).max()):.6g}); they would arrive as inf: set "
+            "federation.transfer_dtype=float32"
+        )
+    return value.astype(wire)
+
+
 def module_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
     """A module's state as numpy arrays keyed ``prefix + name`` (no copies)."""
     return {
@@ -34,7 +49,11 @@ def module_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
 
 
 def pack(arrays: dict[str, np.ndarray], transfer_dtype: str = "float32") -> ArrayRecord:
-    """Build an ArrayRecord, casting floating arrays to the wire dtype."""
+    """Build an ArrayRecord, casting floating arrays to the wire dtype.
+
+    Integer and bool arrays (e.g. BatchNorm's ``num_batches_tracked``) travel in
+    their own dtype; a float value outside the wire dtype's range is refused.
+    """
     wire = WIRE_DTYPES[transfer_dtype]
     record = ArrayRecord()
     for key, value in arrays.items():
@@ -44,7 +63,7 @@ def pack(arrays: dict[str, np.ndarray], transfer_dtype: str = "float32") -> Arra
                 "may leave a site"
             )
         if np.issubdtype(value.dtype, np.floating) and value.dtype != wire:
-            value = value.astype(wire)
+            value = _to_wire(key, value, wire)
         record[key] = Array(np.require(value, requirements="C"))
     return record
 
@@ -80,8 +99,39 @@ def load_into(module: nn.Module, record: ArrayRecord, prefix: str) -> None:
                 f"array '{prefix}{k}' has shape {tuple(v.shape)}, model expects "
                 f"{tuple(own[k].shape)}"
             )
+        if v.is_floating_point() and not own[k].is_floating_point():
+            v = _float_to_int(f"{prefix}{k}", v, own[k].dtype)
         state[k] = v.to(own[k].dtype)
     module.load_state_dict(state)
+
+
+def _float_to_int(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor bound for an integer buffer, rounded; refuse inf and NaN."""
+    info = torch.iinfo(dtype)
+    ok = torch.isfinite(value) & (value >= info.min) & (value <= info.max)
+    if not bool(ok.all()):
+        raise MessageError(
+            f"array '{key}' is an integer buffer ({dtype}) but arrived with "
+            f"{int((~ok).sum())} non-finite or out-of-range value(s); send integer "
+            "arrays in their own dtype"
+        )
+    return value.round()
+
+
+def restore_int_dtypes(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """`record` with arrays that are integer in `reference` rounded back to it.
+
+    Averaging makes every array float (``int * weight``); an integer buffer must
+    not then be cast to the float16 wire, where values above 65504 become inf.
+    """
+    out = ArrayRecord()
+    for key in record.keys():
+        arr = record[key].numpy()
+        ref = reference[key].numpy().dtype if key in reference else None
+        if ref is not None and not np.issubdtype(ref, np.floating) and arr.dtype != ref:
+            arr = np.rint(arr).astype(ref)
+        out[key] = Array(np.require(arr, requirements="C"))
+    return out
 
 
 def to_float32(record: ArrayRecord) -> ArrayRecord:

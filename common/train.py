@@ -8,6 +8,7 @@ in here knows about Flower, files or the teacher backbone.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -48,12 +49,43 @@ def _forward(
     return student.forward_head(feats), pre
 
 
-def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
+
+
+def round_lr(cfg: TrainConfig, server_round: int, rounds: int) -> float:
+    """The learning rate of `server_round` (1-based) out of `rounds`.
+
+    Cosine decays from `lr` in round 1 to `lr * lr_final_factor` in the last
+    round. It depends only on the round number the server sends, so a resumed
+    run uses exactly the rates of an uninterrupted one.
+    """
+    if cfg.lr_schedule == "constant" or rounds <= 1 or server_round <= 0:
+        return cfg.lr
+    t = (min(server_round, rounds) - 1) / (rounds - 1)
+    low = cfg.lr * cfg.lr_final_factor
+    return low + 0.5 * (cfg.lr - low) * (1.0 + math.cos(math.pi * t))
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """log of the label prior from per-class counts (+1 smoothing: no -inf)."""
+    c = counts.double() + 1.0
+    return torch.log(c / c.sum()).float()
+
+
+def proximal_term(
+    student: nn.Module, global_params: list[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's (mu / 2) * ||w - w_global||^2 over the student's parameters."""
+    sq = sum(
+        (p - g).pow(2).sum()
+        for p, g in zip(student.parameters(), global_params, strict=True)
+    )
+    return 0.5 * mu * sq
 
 
 def train_local(
@@ -66,17 +98,32 @@ def train_local(
     proj: nn.Module | None = None,
     proximal_mu: float = 0.0,
     epochs: int | None = None,
+    lr: float | None = None,
+    kd_weight: float = 1.0,
 ) -> dict[str, float]:
-    """Train `student` in place on one site's data; return scalar metrics."""
+    """Train `student` in place on one site's data; return scalar metrics.
+
+    `lr` is this round's rate (`round_lr`; default `train_cfg.lr`). `kd_weight`
+    in [0, 1] scales every teacher term (the site's KD gate): the effective
+    alpha is 1 - (1 - alpha) * kd_weight.
+    """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    use_teacher = data.teacher_logits is not None and distill_cfg.alpha < 1.0
+    alpha = 1.0 - (1.0 - distill_cfg.alpha) * kd_weight
+    # alpha = 1 in the config means plain supervised training, as before
+    use_teacher = (
+        data.teacher_logits is not None and distill_cfg.alpha < 1.0 and kd_weight > 0
+    )
     use_feats = (
         proj is not None
         and data.teacher_feats is not None
-        and distill_cfg.feature_weight > 0
+        and distill_cfg.feature_weight * kd_weight > 0
     )
+    # Logit adjustment (FedLC-style): CE sees logits + tau * log(site prior), so
+    # a class the site rarely sees is not pushed down just for being rare.
+    offset = None  # built at the first batch, when the logits' width is known
+    labelled_y = data.y[data.labelled]
     if use_teacher or use_feats:
         pool = torch.arange(data.n)
     else:
@@ -86,7 +133,7 @@ def train_local(
         raise ValueError(f"site has {len(pool)} usable training images; need >= 2")
     n_views = data.x.shape[0]
     params = list(student.parameters()) + (list(proj.parameters()) if use_feats else [])
-    opt = _make_optimizer(params, train_cfg)
+    opt = _make_optimizer(params, train_cfg, train_cfg.lr if lr is None else lr)
     global_params = (
         [p.detach().clone() for p in student.parameters()] if proximal_mu > 0 else None
     )
@@ -101,21 +148,26 @@ def train_local(
             idx = order[start : start + train_cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a single item
                 continue
+            # A random fixed view per item: the teacher's cached targets were
+            # computed for exactly these inputs (common/data/views.py).
             view = torch.randint(n_views, (len(idx),), generator=gen)
             xb = data.x[view, idx]
-            if n_views == 1 and train_cfg.augment:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             logits, pre = _forward(student, xb, use_feats)
             t_logits = data.teacher_logits[view, idx] if use_teacher else None
+            if offset is None and train_cfg.logit_adjust > 0:
+                counts = torch.bincount(labelled_y, minlength=logits.shape[1])
+                offset = train_cfg.logit_adjust * log_prior(counts)
             losses = kd_loss(
                 logits,
                 t_logits,
                 data.y[idx],
-                alpha=distill_cfg.alpha if use_teacher else 1.0,
+                alpha=alpha if use_teacher else 1.0,
                 temperature=distill_cfg.temperature,
                 labelled=data.labelled[idx],
-                unlabelled_weight=distill_cfg.unlabelled_weight if use_teacher else 0.0,
+                unlabelled_weight=distill_cfg.unlabelled_weight * kd_weight
+                if use_teacher
+                else 0.0,
+                ce_offset=offset,
             )
             loss = losses["loss"]
             if use_feats:
@@ -124,14 +176,10 @@ def train_local(
                     data.teacher_feats[view, idx],
                     kind=distill_cfg.feature_loss,
                 )
-                loss = loss + distill_cfg.feature_weight * f_loss
+                loss = loss + distill_cfg.feature_weight * kd_weight * f_loss
                 sums["feat"] += f_loss.item()
             if global_params is not None:
-                prox = sum(
-                    (p - g).pow(2).sum()
-                    for p, g in zip(student.parameters(), global_params, strict=True)
-                )
-                loss = loss + 0.5 * proximal_mu * prox
+                loss = loss + proximal_term(student, global_params, proximal_mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if train_cfg.grad_clip > 0:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -11,9 +13,10 @@ from common.config import ExperimentConfig
 from common.data.sources import load_dataset
 from common.data.views import decode_size, to_student_tensor
 from common.errors import FedKDError
+from common.models.head import head_logits
 from common.models.student import create_student
-from common.serialization import STUDENT_PREFIX, load_into
-from common.train import evaluate
+from common.serialization import HEAD_PREFIX, STUDENT_PREFIX, load_into
+from common.train import evaluate, evaluate_logits
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ class GlobalEvaluator:
         self.cfg, self.classes, self.x, self.y = cfg, classes, x, y
         self.channels = channels
         self.val = val
+        # uint8 test images at decode size, for the teacher probe (lazy features)
+        self.test_images: np.ndarray | None = None
+        self._teacher_feats: torch.Tensor | None = None
 
     @classmethod
     def maybe(cls, cfg: ExperimentConfig, classes: list[str]) -> GlobalEvaluator | None:
@@ -71,7 +77,7 @@ class GlobalEvaluator:
                 to_student_tensor(ds.val.images, cfg.data.image_size),
                 torch.from_numpy(ds.val.labels.astype("int64")),
             )
-        return cls(
+        ev = cls(
             cfg,
             classes,
             x,
@@ -79,6 +85,8 @@ class GlobalEvaluator:
             ds.channels,
             val,
         )
+        ev.test_images = ds.test.images
+        return ev
 
     def _model(self, arrays: ArrayRecord) -> torch.nn.Module:
         model = create_student(self.cfg.student.arch, len(self.classes), self.channels)
@@ -88,6 +96,44 @@ class GlobalEvaluator:
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         """ACC/AUC/loss of the global student on the global test set."""
         return evaluate(self._model(arrays), self.x, self.y)
+
+    def evaluate_teacher(self, arrays: ArrayRecord) -> dict[str, float]:
+        """The federated teacher head on the global test: `teacher_*` metrics.
+
+        Needs the teacher at the server (simulation): its features of the
+        global test images come from the same on-disk cache the sites use.
+        Empty when the arrays carry no head (local head, or no teacher).
+        """
+        if not any(k.startswith(HEAD_PREFIX) for k in arrays.keys()):
+            return {}
+        if self._teacher_feats is None:
+            if self.test_images is None:
+                return {}
+            from common.distill.cache import FeatureCache, teacher_cache_key
+            from common.models.teacher import load_teacher
+
+            try:
+                teacher = load_teacher(self.cfg.teacher)
+            except FedKDError as err:
+                log.warning("teacher probe on the global test disabled: %s", err)
+                self.test_images = None
+                return {}
+            cache = FeatureCache(
+                Path(self.cfg.teacher.cache_dir).expanduser(),
+                teacher_cache_key(teacher, 0),
+            )
+            feats, _ = cache.get_or_compute(
+                self.test_images,
+                lambda imgs: teacher.features(
+                    imgs, batch_size=self.cfg.teacher.batch_size
+                ),
+            )
+            self._teacher_feats = torch.from_numpy(feats)
+        head = torch.nn.Linear(self._teacher_feats.shape[1], len(self.classes))
+        load_into(head, arrays, HEAD_PREFIX)
+        with torch.no_grad():
+            t = evaluate_logits(head_logits(head, self._teacher_feats), self.y)
+        return {f"teacher_{k}": v for k, v in t.items() if k != "num-examples"}
 
     def evaluate_val(self, arrays: ArrayRecord) -> dict[str, float]:
         """The same on the validation split: what sweeps choose defaults by."""

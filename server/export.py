@@ -35,13 +35,12 @@ from client.predict import collect_inputs
 from common.atomic import atomic_write_bytes
 from common.data.views import to_student_tensor
 from common.errors import DataError, FedKDError, ModelError
-from common.model_file import ModelMeta, load_model
+from common.model_file import EXPORT_FORMAT, ModelMeta, load_model
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
-EXPORT_FORMAT = "fedkd-export-1"
 TOLERANCE = 1e-4
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "probs"
@@ -116,6 +115,9 @@ def describe(meta: ModelMeta, fmt: str, out: Path) -> dict[str, Any]:
         "export": fmt,
         "file": out.name,
         "source_model": str(meta.path),
+        # ties the export to the model it came from: a new model.pt written
+        # beside it removes exports of any other hash (model_file.save_student)
+        "model_sha256": meta.sha256,
         "arch": meta.arch,
         "labels": list(meta.classes),
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32",

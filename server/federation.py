@@ -24,7 +24,7 @@ from common.config import ExperimentConfig
 from common.errors import FedKDError
 from common.models.student import count_params, create_student
 from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays, pack
-from server import checkpoint, history, model_card
+from server import checkpoint, history, model_card, privacy
 from server.evaluation import GlobalEvaluator
 from server.plots import plot_history
 from server.strategy import NODE_NAMES, build_strategy
@@ -149,6 +149,49 @@ def _train_round(
     )
 
 
+def eval_due(cfg: ExperimentConfig, rnd: int) -> bool:
+    """Whether round `rnd` is evaluated (every run.eval_every, and the last ones)."""
+    rounds = cfg.federation.rounds
+    return (
+        rnd % cfg.run.eval_every == 0
+        or rnd > rounds - cfg.run.eval_last
+        or rnd == rounds
+    )
+
+
+def _inner(strategy):
+    """The screened Flower strategy under an optional DP wrapper."""
+    return getattr(strategy, "strategy", strategy)
+
+
+def _global_eval(
+    cfg: ExperimentConfig,
+    evaluator: GlobalEvaluator,
+    arrays: ArrayRecord,
+    site_models: dict[str, ArrayRecord],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(global-test metrics, validation metrics) of this round's model(s).
+
+    With `local` every site keeps its own model; the method's global score is
+    then each site's model on the global test split, averaged over sites.
+    """
+    if cfg.federation.strategy != "local":
+        out = evaluator.evaluate(arrays)
+        out.update(evaluator.evaluate_teacher(arrays))
+        return out, evaluator.evaluate_val(arrays)
+    per_site = {n: evaluator.evaluate(a) for n, a in sorted(site_models.items())}
+    per_val = {n: evaluator.evaluate_val(a) for n, a in sorted(site_models.items())}
+
+    def mean(rows: dict[str, dict[str, float]]) -> dict[str, Any]:
+        keys = set.intersection(*(set(r) for r in rows.values())) if rows else set()
+        return {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
+
+    out = mean(per_site)
+    if per_site:
+        out["per_site"] = {n: r.get("acc") for n, r in per_site.items()}
+    return out, mean(per_val)
+
+
 def run_federation(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -191,6 +234,9 @@ def run_federation(
         # A run killed after its last round but before `finish` has no round
         # left to run; its card still needs that round's metrics.
         last = dict(ckpt.get("last_row") or {})
+        if cfg.privacy.dp:  # the accountant continues from the releases so far
+            strategy.releases = int((last.get("privacy") or {}).get("releases", 0))
+        _inner(strategy).load_optimizer_state(ckpt.get("optimizer_state") or {})
         history.truncate_to_round(hist_path, int(ckpt["round"]))
         log.info("resuming %s after round %d", run_dir, ckpt["round"])
     else:
@@ -211,12 +257,19 @@ def run_federation(
         )
         t_train = time.perf_counter() - t0
         eval_metrics = None
-        if cfg.federation.fraction_evaluate > 0:
-            msgs = strategy.configure_evaluate(rnd, arrays, eval_conf, grid)
-            replies = grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout)
-            eval_metrics = strategy.aggregate_evaluate(rnd, replies)
-        global_metrics = evaluator.evaluate(arrays) if evaluator else {}
-        val_metrics = evaluator.evaluate_val(arrays) if evaluator else {}
+        global_metrics: dict[str, Any] = {}
+        val_metrics: dict[str, Any] = {}
+        if eval_due(cfg, rnd):
+            if cfg.federation.fraction_evaluate > 0:
+                msgs = strategy.configure_evaluate(rnd, arrays, eval_conf, grid)
+                replies = grid.send_and_receive(
+                    msgs, timeout=cfg.federation.round_timeout
+                )
+                eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+            if evaluator:
+                global_metrics, val_metrics = _global_eval(
+                    cfg, evaluator, arrays, _inner(strategy).site_models
+                )
         row = {
             "round": rnd,
             "seconds": time.perf_counter() - t0,
@@ -234,19 +287,21 @@ def run_federation(
             "teacher_weights": teacher["weights_source"],
         }
         if cfg.privacy.dp:
-            # epsilon stays None: Flower's accountant needs unweighted, unscreened
-            # FedAvg (see server/strategy.py ClientSideDP)
-            row["privacy"] = {
-                "clipping_norm": cfg.privacy.clipping_norm,
-                "noise_multiplier": cfg.privacy.noise_multiplier,
-                "epsilon": None,
-            }
+            # (epsilon, delta) so far, from dp-accounting (server/privacy.py)
+            row["privacy"] = privacy.privacy_spent(
+                cfg, strategy.releases, strategy.num_sampled_clients
+            ).as_dict()
         history.append_row(hist_path, row)
         checkpoint.save_checkpoint(
             run_dir,
             rnd,
             _record_to_dict(arrays),
-            {"config_yaml": cfg.to_yaml(), "sites": infos, "last_row": row},
+            {
+                "config_yaml": cfg.to_yaml(),
+                "sites": infos,
+                "last_row": row,
+                "optimizer_state": _inner(strategy).optimizer_state(),
+            },
         )
         last = row
         log.info(
@@ -295,6 +350,7 @@ def finish(
         final_metrics=metrics,
         teacher=teacher,
         params=params,
+        privacy=last.get("privacy"),
     )
     model_card.write_card(final_dir, card)
     plot_history(

@@ -42,8 +42,9 @@ def build_card(
     final_metrics: dict[str, Any],
     teacher: dict[str, Any],
     params: int,
+    privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The model card as plain data."""
+    """The model card as plain data (`privacy`: the last history row's DP entry)."""
     return {
         "model": {
             "arch": cfg.student.arch,
@@ -62,19 +63,9 @@ def build_card(
             "rounds": rounds_done,
             "local_epochs": cfg.train.local_epochs,
             "transfer_dtype": cfg.federation.transfer_dtype,
-            "dp": {
-                "enabled": cfg.privacy.dp,
-                "clipping_norm": cfg.privacy.clipping_norm,
-                "noise_multiplier": cfg.privacy.noise_multiplier,
-                # Flower's PrivacyAccountant only accounts its own unweighted,
-                # unscreened FedAvg; ours weights by examples and screens replies.
-                "epsilon": None,
-                "epsilon_note": "not computed: Flower's accountant needs unweighted, "
-                "unscreened FedAvg (docs/security.md)"
-                if cfg.privacy.dp
-                else "DP off",
-            },
+            "dp": _dp_entry(cfg, privacy),
         },
+        "shared_with_server": _shared(cfg, site_infos),
         "teacher": teacher,
         "data": {
             "source": cfg.data.source,
@@ -91,6 +82,36 @@ def build_card(
             "triage or any clinical decision."
         ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _dp_entry(cfg: ExperimentConfig, privacy: dict[str, Any] | None) -> dict:
+    """DP settings and the (epsilon, delta) spent, as server.privacy reported it."""
+    entry = {
+        "enabled": cfg.privacy.dp,
+        "clipping_norm": cfg.privacy.clipping_norm,
+        "noise_multiplier": cfg.privacy.noise_multiplier,
+        "delta": cfg.privacy.delta if cfg.privacy.dp else None,
+        "epsilon": None,
+        "epsilon_note": "DP off" if not cfg.privacy.dp else "no round completed",
+    }
+    if cfg.privacy.dp and privacy:
+        entry.update(privacy)
+        entry["epsilon_note"] = privacy.get("note") or (
+            "site-level, add/remove one site, RDP (dp-accounting); docs/security.md"
+        )
+    return entry
+
+
+def _shared(cfg: ExperimentConfig, site_infos: list[dict]) -> dict[str, Any]:
+    """What every site sent the server besides model updates and scalar metrics."""
+    keys = sorted({k for s in site_infos for k in s})
+    return {
+        "handshake_keys": keys,
+        "class_counts": "class-counts" in keys,
+        "per_round": "student update (and head/projection when federated), "
+        "train/eval scalar metrics",
+        "secure_aggregation": False,
     }
 
 
@@ -122,8 +143,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"rounds: {card['method']['rounds']}, "
         f"local epochs: {card['method']['local_epochs']}",
         f"- distillation: {card['method']['distillation']}",
-        f"- transfer dtype: {card['method']['transfer_dtype']}; "
-        f"DP: {card['method']['dp']}",
+        f"- transfer dtype: {card['method']['transfer_dtype']}",
+        f"- privacy: {_dp_line(card['method']['dp'])}",
+        f"- shared with the server: {_shared_line(card.get('shared_with_server'))}",
         "",
         "## Data",
         f"- source: `{card['data']['source']}`; partition {card['data']['partition']} "
@@ -153,6 +175,34 @@ def render_markdown(card: dict[str, Any]) -> str:
             )
     lines += ["", f"Created {card['created']}.", ""]
     return "\n".join(lines)
+
+
+def _dp_line(dp: dict[str, Any]) -> str:
+    if not dp.get("enabled"):
+        return "DP off"
+    head = (
+        f"DP on (clipping norm {dp['clipping_norm']:g}, noise multiplier "
+        f"{dp['noise_multiplier']:g})"
+    )
+    if dp.get("epsilon") is None:
+        return f"{head}; **epsilon not available**: {dp.get('epsilon_note')}"
+    return (
+        f"{head}; **(epsilon = {dp['epsilon']:.3g}, delta = {dp['delta']:g})** per "
+        f"site over {dp.get('releases')} releases ({dp.get('neighbouring')}, "
+        f"{dp.get('sampling')}, {dp.get('accountant')})"
+    )
+
+
+def _shared_line(shared: dict[str, Any] | None) -> str:
+    if not shared:
+        return "n/a"
+    counts = (
+        "per-class training counts **shared**"
+        if shared.get("class_counts")
+        else "per-class training counts **not shared**"
+    )
+    keys = ", ".join(f"`{k}`" for k in shared.get("handshake_keys", []))
+    return f"{counts}; handshake keys: {keys}; each round: {shared.get('per_round')}"
 
 
 def write_card(final_dir: Path, card: dict[str, Any]) -> None:

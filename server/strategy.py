@@ -16,19 +16,27 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
 )
 
 from common.config import ExperimentConfig
-from common.serialization import ALLOWED_PREFIXES, pack, to_float32
+from common.serialization import (
+    ALLOWED_PREFIXES,
+    pack,
+    restore_int_dtypes,
+    to_float32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,48 @@ def _update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
     return math.sqrt(total)
 
 
+def dp_sample_size(cfg: ExperimentConfig, num_sites: int) -> int:
+    """Sites Flower's FedAvg samples per round (its own formula); the DP denominator."""
+    fed = cfg.federation
+    return max(int(num_sites * fed.fraction_train), min(fed.min_sites, num_sites), 1)
+
+
+def uniform_dp_supported(cfg: ExperimentConfig) -> bool:
+    """Whether the strategy aggregates by a plain mean, so DP can use the uniform one.
+
+    Server optimisers (FedAvgM/FedAdam/FedYogi) and robust rules change the
+    aggregate after the mean, where Flower's wrapper would then add the noise.
+    """
+    base = _BASES[cfg.federation.strategy]
+    return cfg.federation.strategy != "local" and (
+        base.aggregate_train is FedAvg.aggregate_train
+    )
+
+
+def uniform_clipped_mean(
+    replies: list[Message], reference: ArrayRecord, clip: float, denominator: int
+) -> ArrayRecord:
+    """reference + sum of the replies' updates, each clipped to `clip`, / denominator.
+
+    Uniform weights and a fixed denominator keep one site's share of the
+    aggregate at most clip/denominator whoever else replied (DP-FedAvg's
+    fixed-denominator estimator, McMahan et al. 2018); a missing site counts as
+    a zero update. Re-clipping here also absorbs the float16 wire's rounding.
+    """
+    ref = {k: reference[k].numpy().astype(np.float64) for k in reference.keys()}
+    total = {k: np.zeros_like(v) for k, v in ref.items()}
+    for msg in replies:
+        rec = msg.content["arrays"]
+        delta = {k: rec[k].numpy().astype(np.float64) - ref[k] for k in ref}
+        norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        for k, d in delta.items():
+            total[k] += scale * d
+    return ArrayRecord(
+        {k: Array((ref[k] + total[k] / denominator).astype(np.float32)) for k in ref}
+    )
+
+
 class _Snapshot:
     """A Grid whose node list is fixed, so Flower's sampling sees what we checked."""
 
@@ -108,6 +158,9 @@ class SafeAggregation:
         self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}
         # set by ClientSideDP, which screens before Flower's DP wrapper sees errors
         self.prescreened = False
+        # with federation.strategy=local: each site's own model, by site name,
+        # for the server's global-test score of the local method
+        self.site_models: dict[str, ArrayRecord] = {}
 
     def _note_missing(self, phase: str, replies: list[Message]) -> None:
         """Record every asked site that sent nothing back before the timeout."""
@@ -167,6 +220,7 @@ class SafeAggregation:
         messages = list(
             super().configure_train(server_round, wire, config, _Snapshot(grid, nodes))
         )
+        self._track_server_model(arrays)
         self.report.sampled = len(messages)
         self._asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.report.bytes_down = sum(len(wire[k].data) for k in wire.keys()) * len(
@@ -218,6 +272,11 @@ class SafeAggregation:
         factor = self.cfg.federation.norm_outlier_factor
         if factor <= 0 or len(replies) < 3 or self._reference is None:
             return replies
+        if getattr(self, "dp_denominator", 0):
+            # A median-relative cut lets one site's update decide whether another
+            # site counts, which breaks the DP sensitivity bound; clipping already
+            # bounds every update (server.privacy).
+            return replies
         ref = to_float32(self._reference)
         norms = [_update_norm(m.content["arrays"], ref) for m in replies]
         median = float(np.median(norms))
@@ -248,9 +307,42 @@ class SafeAggregation:
             self.report.sites.setdefault(_site_name(msg), {}).update(
                 {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
             )
+        if self.cfg.federation.strategy == "local":
+            self.site_models = {_site_name(m): m.content["arrays"] for m in good}
         if not good:
             return None, None
-        return super().aggregate_train(server_round, good)
+        arrays, metrics = super().aggregate_train(server_round, good)
+        if arrays is not None and getattr(self, "dp_denominator", 0):
+            # DP: uniform weights, fixed denominator (what server.privacy accounts)
+            arrays = uniform_clipped_mean(
+                good, self._reference, self.cfg.privacy.clipping_norm,
+                self.dp_denominator,
+            )
+        if arrays is not None and self._reference is not None:
+            # averaging made integer buffers float; they must not go out as float16
+            arrays = restore_int_dtypes(arrays, self._reference)
+        return arrays, metrics
+
+    # -- server optimiser state (FedAvgM, FedAdam, FedYogi) ---------------------
+    def _track_server_model(self, arrays: ArrayRecord) -> None:
+        """Server optimisers step from the float32 global model, not the wire copy."""
+        if isinstance(self, FedAvgM):
+            self.current_arrays = arrays
+        elif isinstance(self, (FedAdam, FedYogi)):
+            self.current_arrays = {k: arrays[k].numpy() for k in arrays.keys()}
+
+    def optimizer_state(self) -> dict[str, list[np.ndarray] | dict | None]:
+        """The server optimiser's moments, saved with each checkpoint for resume."""
+        if isinstance(self, FedAvgM):
+            return {"momentum_vector": self.momentum_vector}
+        if isinstance(self, (FedAdam, FedYogi)):
+            return {"m_t": self.m_t, "v_t": self.v_t}
+        return {}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Restore what `optimizer_state` saved (resume is then bit-identical)."""
+        for key, value in (state or {}).items():
+            setattr(self, key, value)
 
     # -- evaluate ------------------------------------------------------------
     def configure_evaluate(
@@ -284,6 +376,15 @@ class SafeAggregation:
             if msg.has_error():
                 self.report.failed.append(f"{name} (evaluate): {_reason(msg)}")
                 continue
+            if len(msg.content.metric_records) != 1:
+                # screened like train replies: a malformed reply is recorded, and
+                # never reaches next(iter(...)) below
+                self.report.rejected.append(
+                    f"{name} (evaluate): malformed reply "
+                    f"({len(msg.content.metric_records)} metric records, expected 1)"
+                )
+                log.warning("rejected evaluate reply of %s: no metrics", name)
+                continue
             metrics = next(iter(msg.content.metric_records.values()))
             n = float(metrics.get("num-examples", 1.0))
             self.report.sites.setdefault(name, {}).update(
@@ -307,6 +408,9 @@ _BASES = {
     "fedavg": FedAvg,
     "local": FedAvg,  # sites keep their own models; aggregation is not used
     "pooled": FedAvg,  # one site holding all the data
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
     "fedprox": FedProx,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
@@ -334,17 +438,30 @@ def build_strategy(cfg: ExperimentConfig, num_sites: int):
         if int(fed.trim_beta * num_sites) == 0:
             log.warning("federation.trim_beta=%g trims no site out of %d; raise it to "
                         ">= %.2f", fed.trim_beta, num_sites, 1 / num_sites)
+    elif fed.strategy == "fedavgm":
+        kwargs["server_learning_rate"] = fed.server_lr
+        kwargs["server_momentum"] = fed.server_momentum
+    elif fed.strategy in ("fedadam", "fedyogi"):
+        # eta_l is only reported by Flower; the sites' rate is train.lr
+        kwargs.update(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99)
     elif fed.strategy == "krum":
         kwargs["num_malicious_nodes"] = fed.krum_byzantine
     cls = type(f"Safe{base.__name__}", (SafeAggregation, base), {})
     strategy = cls(**kwargs)
     strategy.setup_safety(cfg)
     if cfg.privacy.dp:
+        m = dp_sample_size(cfg, num_sites)
+        if uniform_dp_supported(cfg):
+            strategy.dp_denominator = m
+        else:
+            log.warning("privacy.dp with federation.strategy=%s: its aggregation is "
+                        "not the uniform clipped mean, so no epsilon is reported",
+                        fed.strategy)
         return ClientSideDP(
             strategy,
             noise_multiplier=cfg.privacy.noise_multiplier,
             clipping_norm=cfg.privacy.clipping_norm,
-            num_sampled_clients=max(1, round(num_sites * fed.fraction_train)),
+            num_sampled_clients=m,
         )
     return strategy
 
@@ -354,9 +471,13 @@ class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
 
     Sites clip their update (client mod `client.app.dp_clipping`), the server
     adds Gaussian noise to the aggregate. Replies are still screened by the
-    wrapped strategy. Flower's privacy accountant needs the unmodified
-    FedAvg aggregation, so epsilon is not computed here.
+    wrapped strategy, which aggregates by `uniform_clipped_mean` where it can.
+    Flower's own accountant only takes its unscreened FedAvg without sampling
+    credit; `server.privacy` accounts the aggregation done here from `releases`.
     """
+
+    # noisy aggregates computed so far (retried attempts included)
+    releases: int = 0
 
     @property
     def report(self) -> RoundReport:
@@ -370,6 +491,9 @@ class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
         good = self.strategy.screen_train_replies(replies)
         self.strategy.prescreened = True
         try:
-            return super().aggregate_train(server_round, good)
+            arrays, metrics = super().aggregate_train(server_round, good)
         finally:
             self.strategy.prescreened = False
+        if arrays is not None:
+            self.releases += 1
+        return arrays, metrics

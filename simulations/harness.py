@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from common.config import load_config
+from common.config import load_config, safe_load_unique
 from common.errors import ConfigError, FedKDError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,13 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"experiment file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        # duplicate keys (two `methods:` blocks) are an error, not "last wins"
+        data = safe_load_unique(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else "parse error"
+        raise ConfigError(f"experiment file {p}: {first}; keep one key of each "
+                          "name and valid YAML") from err
     unknown = set(data) - EXPERIMENT_KEYS
     if unknown:
         raise ConfigError(f"unknown experiment keys {sorted(unknown)} in {p}; valid: "
@@ -88,15 +94,21 @@ def _as_overrides(d: dict[str, Any]) -> list[str]:
     return out
 
 
-def _runs(exp: Experiment, work: Path, extra: dict[str, Any]
+def _runs(exp: Experiment, work: Path, extra: dict[str, Any],
+          per_seed: dict[int, dict[str, Any]] | None = None,
           ) -> list[tuple[dict[str, Any], list[str]]]:
-    """(run descriptor, overrides) for every (sweep value, method, seed)."""
+    """(run descriptor, overrides) for every (sweep value, method, seed).
+
+    `per_seed` adds overrides that depend on the seed only (the proxy teacher
+    trained on that seed's public pool).
+    """
     axis = next(iter(exp.sweep), None)
     values = exp.sweep[axis] if axis else [None]
     runs = []
     for value, (method, m_over), seed in itertools.product(
             values, exp.methods.items(), exp.seeds):
-        merged = {**exp.base, **extra, **m_over, "train.seed": seed}
+        merged = {**exp.base, **extra, **m_over, **(per_seed or {}).get(seed, {}),
+                  "train.seed": seed}
         if axis is not None:
             merged[axis] = value
         tag = f"{axis.split('.')[-1]}-{value}/" if axis else ""
@@ -109,27 +121,41 @@ def _runs(exp: Experiment, work: Path, extra: dict[str, Any]
     return runs
 
 
-def _proxy(exp: Experiment, extra: dict[str, Any]) -> dict[str, Any]:
-    """Train (or reuse) the proxy teacher and return the overrides that load it."""
+def proxy_config(exp: Experiment, extra: dict[str, Any], seed: int):
+    """The config a seed's proxy teacher is trained under (its public pool)."""
+    return load_config(None, _as_overrides({**exp.base, **extra, "train.seed": seed}))
+
+
+def proxies(exp: Experiment, extra: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Train (or reuse) one proxy teacher per seed; the overrides that load each.
+
+    Each seed moves the public pool, the sites and the splits, so each seed
+    gets its own proxy, trained only on that seed's pool (cached by seed).
+    """
     if not exp.proxy_teacher:
+        return {}
+    if "teacher.weights" in extra:  # an explicit teacher (hub, file:) replaces it
+        print(f"teacher.weights={extra['teacher.weights']}: no proxy teacher")
         return {}
     from simulations.proxy_teacher import train_proxy
 
-    cfg = load_config(None, _as_overrides({**exp.base, **extra, "train.seed": 0}))
     arch = str(exp.proxy_teacher.get("arch", "resnet18"))
-    path, summary = train_proxy(cfg, arch, int(exp.proxy_teacher.get("epochs", 15)))
-    how = "reused" if summary.get("reused") else "trained"
-    print(f"proxy teacher {arch}: {path} ({how})")
-    return {"teacher.arch": arch, "teacher.weights": f"file:{path}"}
+    epochs = int(exp.proxy_teacher.get("epochs", 15))
+    out = {}
+    for seed in exp.seeds:
+        path, summary = train_proxy(proxy_config(exp, extra, seed), arch, epochs)
+        how = "reused" if summary.get("reused") else "trained"
+        print(f"proxy teacher {arch} for seed {seed}: {path} ({how})", flush=True)
+        out[seed] = {"teacher.arch": arch, "teacher.weights": f"file:{path}"}
+    return out
 
 
 def run_all(exp: Experiment, work: Path, extra: dict[str, Any]) -> list[dict]:
     """Run every missing (method, seed, sweep value); return the descriptors."""
     from simulations.run import main as run_main
 
-    extra = {**extra, **_proxy(exp, extra)}
     descs = []
-    runs = _runs(exp, work, extra)
+    runs = _runs(exp, work, extra, proxies(exp, extra))
     for i, (desc, overrides) in enumerate(runs, 1):
         done = Path(desc["run_dir"]) / "final" / "model_card.json"
         label = f"[{i}/{len(runs)}] {desc['method']} seed {desc['seed']}"

@@ -15,41 +15,63 @@ import numpy as np  # noqa: E402
 
 from server import history  # noqa: E402
 
-SCALARS = ("site_acc", "site_auc", "worst_site_acc", "global_acc", "global_auc",
-           "val_acc", "teacher_acc", "teacher_auc")
+# Final-round and last-k-round means; `global_*` on the global test split (no
+# site holds it), `site_*` over the sites' own test parts, never mixed.
+GLOBAL = ("acc", "bacc", "auc")
+SCALARS = (
+    *(f"global_{m}" for m in GLOBAL),
+    *(f"global_{m}_lastk" for m in GLOBAL),
+    "val_acc", "val_acc_lastk", "site_acc", "site_auc", "site_acc_lastk",
+    "worst_site_acc", "teacher_global_acc", "teacher_global_auc", "teacher_site_acc",
+    "teacher_site_auc", "kd_weight", "seconds",
+)
 KD_VARIANTS = ("fedkd-federated", "fedkd-local", "fedkd")
+PRIMARY = "global_acc_lastk"
 
 
-def run_record(desc: dict[str, Any]) -> dict[str, Any] | None:
-    """The final metrics and curve of one run (None if it has not finished)."""
+def _mean_last(rows: list[dict], section: str, key: str, k: int) -> float | None:
+    """Mean of rows[*][section][key] over the last k rows that have it."""
+    vals = [r[section][key] for r in rows
+            if isinstance(r.get(section), dict) and key in r[section]]
+    return float(np.mean(vals[-k:])) if vals else None
+
+
+def _last(rows: list[dict], section: str, key: str) -> float | None:
+    return _mean_last(rows, section, key, 1)
+
+
+def run_record(desc: dict[str, Any], k: int = 5) -> dict[str, Any] | None:
+    """The final and last-k metrics and the curve of one run (None if unfinished)."""
     run_dir = Path(desc["run_dir"])
     card_path = run_dir / "final" / "model_card.json"
     rows = history.read_rows(run_dir / "history.jsonl")
     if not card_path.is_file() or not rows:
         return None
     card = json.loads(card_path.read_text())
-    last = rows[-1]
-    ev, gl = last.get("eval", {}), last.get("global", {})
-    va = last.get("global_val", {})
-    local = card["method"]["strategy"] == "local"
-    rec = {
-        **desc,
-        "site_acc": ev.get("acc"),
-        "site_auc": ev.get("auc"),
-        "worst_site_acc": ev.get("worst_site_acc"),
-        # A `local` run has no single model: the server's average is not a method.
-        "global_acc": None if local else gl.get("acc"),
-        "global_auc": None if local else gl.get("auc"),
-        "val_acc": None if local else va.get("acc"),
-        "teacher_acc": ev.get("teacher_acc"),
-        "teacher_auc": ev.get("teacher_auc"),
-        "per_site": {k: v.get("eval/acc") for k, v in last.get("sites", {}).items()},
-        "curve": [(r["round"], (r.get("eval", {}) if local else r.get("global", {}))
-                   .get("acc")) for r in rows],
-        "teacher": card.get("teacher", {}),
-        "data": {**card.get("data", {}), "classes": card["model"]["classes"]},
-        "rounds": card["method"]["rounds"],
-    }
+    rec = {**desc, "last_k": k}
+    for m in GLOBAL:
+        rec[f"global_{m}"] = _last(rows, "global", m)
+        rec[f"global_{m}_lastk"] = _mean_last(rows, "global", m, k)
+    rec["val_acc"] = _last(rows, "global_val", "acc")
+    rec["val_acc_lastk"] = _mean_last(rows, "global_val", "acc", k)
+    rec["site_acc"] = _last(rows, "eval", "acc")
+    rec["site_auc"] = _last(rows, "eval", "auc")
+    rec["site_acc_lastk"] = _mean_last(rows, "eval", "acc", k)
+    rec["worst_site_acc"] = _last(rows, "eval", "worst_site_acc")
+    rec["teacher_global_acc"] = _last(rows, "global", "teacher_acc")
+    rec["teacher_global_auc"] = _last(rows, "global", "teacher_auc")
+    rec["teacher_site_acc"] = _last(rows, "eval", "teacher_acc")
+    rec["teacher_site_auc"] = _last(rows, "eval", "teacher_auc")
+    rec["kd_weight"] = _mean_last(rows, "train", "kd_weight", k)
+    rec["seconds"] = float(sum(r.get("seconds", 0.0) for r in rows))
+    evaluated = [r for r in rows if r.get("eval")]
+    last = evaluated[-1] if evaluated else rows[-1]
+    rec["per_site"] = {n: v.get("eval/acc") for n, v in last.get("sites", {}).items()}
+    rec["curve"] = [(r["round"], r.get("global", {}).get("acc")) for r in rows
+                    if r.get("global")]
+    rec["teacher"] = card.get("teacher", {})
+    rec["data"] = {**card.get("data", {}), "classes": card["model"]["classes"]}
+    rec["rounds"] = card["method"]["rounds"]
     return rec
 
 
@@ -70,7 +92,7 @@ def _fmt(stat: tuple[float, float, int], pct: bool = True) -> str:
 
 
 def aggregate(records: list[dict]) -> dict[str, dict[str, Any]]:
-    """Mean/std over seeds per (sweep value, method); teacher probes added."""
+    """Mean/std over seeds of every scalar, per (sweep value, method)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["sweep_value"], r["method"]), []).append(r)
@@ -78,50 +100,64 @@ def aggregate(records: list[dict]) -> dict[str, dict[str, Any]]:
     for (sv, method), rs in groups.items():
         key = f"{method}" if sv is None else f"{method}@{sv}"
         out[key] = {"method": method, "sweep_value": sv,
-                    "seeds": [r["seed"] for r in rs],
-                    **{s: _stat([r[s] for r in rs]) for s in SCALARS}}
-        if method.startswith("fedkd"):
-            head = "federated" if method.endswith("federated") else "local"
-            pkey = (f"teacher-probe-{head}" if sv is None
-                    else f"teacher-probe-{head}@{sv}")
-            out[pkey] = {"method": f"teacher-probe-{head}", "sweep_value": sv,
-                         "seeds": [r["seed"] for r in rs],
-                         **{s: (math.nan, math.nan, 0) for s in SCALARS},
-                         "site_acc": _stat([r["teacher_acc"] for r in rs]),
-                         "site_auc": _stat([r["teacher_auc"] for r in rs])}
+                    "seeds": sorted(r["seed"] for r in rs),
+                    **{s: _stat([r.get(s) for r in rs]) for s in SCALARS}}
     return out
 
 
-def paired_gap(records: list[dict], a: str, b: str, metric: str, sv: Any = None
-               ) -> tuple[float, float, int]:
-    """Mean ± std over seeds of metric(a) - metric(b), paired by seed."""
-    by = {(r["method"], r["seed"]): r[metric] for r in records
+def paired_diff(records: list[dict], a: str, b: str, metric: str = PRIMARY,
+                sv: Any = None, level: float = 0.95) -> dict[str, Any]:
+    """metric(a) - metric(b) paired by seed: mean, t-interval, n, per-seed diffs."""
+    from scipy import stats
+
+    by = {(r["method"], r["seed"]): r.get(metric) for r in records
           if r["sweep_value"] == sv}
-    diffs = [by[(a, s)] - by[(b, s)] for (m, s) in by if m == a
-             and (b, s) in by and by[(a, s)] is not None and by[(b, s)] is not None]
-    return _stat(diffs)
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by
+                   and by[(a, s)] is not None and by[(b, s)] is not None)
+    diffs = np.array([by[(a, s)] - by[(b, s)] for s in seeds], dtype=float)
+    n = len(diffs)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "lo": math.nan, "hi": math.nan,
+                "seeds": [], "diffs": []}
+    mean = float(diffs.mean())
+    if n > 1:
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * diffs.std(ddof=1)
+                     / math.sqrt(n))
+    else:
+        half = math.inf
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half,
+            "seeds": seeds, "diffs": diffs.tolist()}
 
 
-def verdict(records: list[dict], sv: Any = None) -> list[str]:
-    """Plain sentences: did each fedkd variant beat fedavg, and by how much."""
+def interval_word(d: dict[str, Any]) -> str:
+    """The verdict an interval supports: beats / worse / no detectable difference."""
+    if d["n"] < 2:
+        return "cannot be compared (fewer than 2 paired seeds)"
+    if d["lo"] > 0:
+        return "beats"
+    if d["hi"] < 0:
+        return "is worse than"
+    return "shows no detectable difference from"
+
+
+def verdict(records: list[dict], sv: Any = None, ref: str = "fedavg",
+            metric: str = PRIMARY) -> list[str]:
+    """One sentence per method against `ref`, worded from the paired 95 % interval."""
+    methods = sorted({r["method"] for r in records if r["sweep_value"] == sv})
+    if ref not in methods:
+        return [f"No `{ref}` run in this experiment: no comparison is made."]
     lines = []
-    methods = {r["method"] for r in records}
-    if "fedavg" not in methods:
-        return ["No `fedavg` run in this experiment: no comparison is made."]
-    for kd in (m for m in KD_VARIANTS if m in methods):
-        for metric, name in (("global_acc", "global-test ACC"),
-                             ("site_acc", "site-mean ACC")):
-            mean, std, n = paired_gap(records, kd, "fedavg", metric, sv)
-            if n == 0:
-                continue
-            pts = f"{mean * 100:+.1f} ± {std * 100:.1f} points ({n} seeds)"
-            if mean > 0 and mean - std > 0:
-                word = "beat"
-            elif mean > 0:
-                word = "beat on average, within the seed spread of,"
-            else:
-                word = "did NOT beat"
-            lines.append(f"**{kd} {word} fedavg** on {name}: {pts}.")
+    for m in methods:
+        if m == ref:
+            continue
+        d = paired_diff(records, m, ref, metric, sv)
+        if d["n"] == 0:
+            continue
+        lines.append(
+            f"- **{m} {interval_word(d)} {ref}** on {metric.replace('_', ' ')}: "
+            f"{d['mean'] * 100:+.1f} points, 95 % CI [{d['lo'] * 100:+.1f}, "
+            f"{d['hi'] * 100:+.1f}] (paired over {d['n']} seeds)."
+        )
     return lines
 
 
@@ -149,10 +185,12 @@ def _plots(records: list[dict], out: Path, sv: Any) -> list[str]:
         rounds = [c[0] for c in curves[0]]
         acc = np.array([[a if a is not None else np.nan for _, a in c]
                         for c in curves if len(c) == len(rounds)])
+        if not rounds or not acc.size:
+            continue
         ax.plot(rounds, np.nanmean(acc, 0), marker="o", ms=3,
-                label=m + (" (site mean)" if m == "local" else ""))
+                label=m + (" (mean of the sites' own models)" if m == "local" else ""))
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (global test; local: site mean)")
+    ax.set_ylabel("global-test ACC (seed mean)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -232,15 +270,14 @@ def _sweep_plot(agg: dict, out: Path, key: str) -> str:
     methods = sorted({v["method"] for v in agg.values()})
     for m in methods:
         pts = sorted((v["sweep_value"], v) for v in agg.values() if v["method"] == m)
-        site_only = m.startswith(("local", "teacher-probe"))
-        metric = "site_acc" if site_only else "global_acc"
+        metric = PRIMARY
         xs = [p[0] for p in pts]
         ys = [p[1][metric][0] for p in pts]
         es = [p[1][metric][1] for p in pts]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
     ax.set_xscale("log")
     ax.set_xlabel(key)
-    ax.set_ylabel("ACC (global test; local/probe: site mean)")
+    ax.set_ylabel("global-test ACC, mean of the last k rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -250,15 +287,32 @@ def _sweep_plot(agg: dict, out: Path, key: str) -> str:
 
 
 def _table(agg: dict, sv: Any) -> list[str]:
-    lines = ["| method | site-mean ACC | site-mean AUC | worst-site ACC | global ACC "
-             "| global AUC | val ACC | seeds |", "|---|---|---|---|---|---|---|---|"]
-    for _, v in sorted(agg.items(), key=lambda kv: kv[0]):
-        if v["sweep_value"] != sv:
-            continue
+    """Two tables: the global test (every method, one test set) and site means."""
+    rows = [v for _, v in sorted(agg.items()) if v["sweep_value"] == sv]
+    lines = ["Global test split (every method scored on the same images):", "",
+             "| method | ACC last-k | ACC final | bal. ACC last-k | bal. ACC final "
+             "| AUC last-k | AUC final | val ACC last-k | teacher probe ACC / AUC "
+             "| seeds | min/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in rows:
+        probe = ("–" if v["teacher_global_acc"][2] == 0 else
+                 f"{_fmt(v['teacher_global_acc'])} / {_fmt(v['teacher_global_auc'])}")
         lines.append(
-            f"| {v['method']} | {_fmt(v['site_acc'])} | {_fmt(v['site_auc'])} | "
-            f"{_fmt(v['worst_site_acc'])} | {_fmt(v['global_acc'])} | "
-            f"{_fmt(v['global_auc'])} | {_fmt(v['val_acc'])} | {len(v['seeds'])} |")
+            f"| {v['method']} | {_fmt(v['global_acc_lastk'])} | "
+            f"{_fmt(v['global_acc'])} | {_fmt(v['global_bacc_lastk'])} | "
+            f"{_fmt(v['global_bacc'])} | {_fmt(v['global_auc_lastk'])} | "
+            f"{_fmt(v['global_auc'])} | {_fmt(v['val_acc_lastk'])} | {probe} | "
+            f"{len(v['seeds'])} | {v['seconds'][0] / 60:.1f} |")
+    lines += ["", "Site means (each site's own test part: its label mix and scanner; "
+              "not comparable with the table above):", "",
+              "| method | site-mean ACC last-k | site-mean ACC final | site-mean AUC "
+              "| worst-site ACC | teacher probe on site tests | KD weight (last-k) |",
+              "|---|---|---|---|---|---|---|"]
+    for v in rows:
+        probe = "–" if v["teacher_site_acc"][2] == 0 else _fmt(v["teacher_site_acc"])
+        kdw = "–" if v["kd_weight"][2] == 0 else _fmt(v["kd_weight"], pct=False)
+        lines.append(
+            f"| {v['method']} | {_fmt(v['site_acc_lastk'])} | {_fmt(v['site_acc'])} | "
+            f"{_fmt(v['site_auc'])} | {_fmt(v['worst_site_acc'])} | {probe} | {kdw} |")
     return lines
 
 
@@ -266,7 +320,8 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
     """Write results.json, report.md and the plots; return the verdict text."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [r for d in descs if (r := run_record(d)) is not None]
+    k = int(exp.report.get("last_k", 5))
+    records = [r for d in descs if (r := run_record(d, k)) is not None]
     missing = len(descs) - len(records)
     agg = aggregate(records)
     axis = next(iter(exp.sweep), None)
@@ -283,13 +338,16 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
         f"(alpha {data.get('alpha')}), shift {data.get('shift')}, labelled fraction "
         f"{data.get('labelled_fraction')}{' (swept)' if axis else ''}; "
         f"{first.get('rounds')} rounds; seeds {sorted(exp.seeds)}.", "",
-        "ACC/AUC in %, mean ± std over seeds. *site-mean*: example-weighted mean over "
-        "sites of each site's own test part (its own label mix and scanner); "
-        "*worst-site*: the lowest site; *global*: the held-out test split, which no "
-        "site holds and which carries no scanner shift; *val*: the validation split "
-        "(what defaults are chosen by). `local` has no single model, so no global "
-        "number. `teacher-probe-*` is the teacher with its head alone on the sites' "
-        "test parts.", "",
+        f"ACC/AUC in %, mean ± std over seeds; *last-k*: mean over the last "
+        f"{first.get('last_k', 5)} evaluated rounds of each run (one round's ACC "
+        "swings "
+        "under label skew), *final*: the last round. *Global*: the held-out test "
+        "split, which no site holds and which carries no scanner shift; `local` is "
+        "each site's own model on it, averaged over sites; the teacher probe is "
+        "the federated head on it. *val*: the validation split (what defaults are "
+        "chosen by). Verdicts are paired differences per seed against `fedavg` "
+        "with a 95 % t-interval: *beats* when the interval is above 0, *worse* "
+        "when below, otherwise *no detectable difference*.", "",
     ]
     if missing:
         lines += [f"**{missing} runs had not finished and are left out.**", ""]
@@ -321,6 +379,11 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
     (out / "report.md").write_text("\n".join(lines))
     results = {
         "experiment": exp.name, "sweep": exp.sweep, "seeds": exp.seeds,
+        "paired_vs_fedavg": {
+            f"{m}@{sv}" if axis else m: paired_diff(records, m, "fedavg", PRIMARY, sv)
+            for sv in values
+            for m in sorted({r["method"] for r in records if r["sweep_value"] == sv})
+            if m != "fedavg"},
         "summary": {k: {s: (list(v[s]) if isinstance(v[s], tuple) else v[s])
                         for s in ("method", "sweep_value", "seeds", *SCALARS)}
                     for k, v in agg.items()},

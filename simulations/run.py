@@ -21,6 +21,8 @@ from common.errors import FedKDError
 
 log = logging.getLogger("simulations.run")
 
+DEFAULT_CONFIG = "simulations/configs/default.yaml"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
@@ -30,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--config", default="simulations/configs/default.yaml", help="experiment YAML"
+        "--config",
+        help=f"experiment YAML (default {DEFAULT_CONFIG}); not with --resume, "
+        "which uses the run's own config.yaml",
     )
     p.add_argument(
         "--set",
@@ -79,14 +83,16 @@ def setup_logging(debug: bool) -> None:
 def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     """The experiment config, from the file or from the run being resumed."""
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise FedKDError(f"cannot resume {run_dir}: no config.yaml in it")
-        cfg = load_config(cfg_path, args.overrides)
-        cfg.run.out_dir = str(run_dir)
-        return cfg, True
-    cfg = load_config(args.config, args.overrides)
+        from server.run_folder import resume_config
+
+        if args.config is not None:
+            raise FedKDError(
+                f"--config {args.config} cannot be used with --resume {args.resume}: "
+                "a resumed run keeps its own config.yaml; drop --config, or start "
+                "a new run without --resume"
+            )
+        return resume_config(Path(args.resume), args.overrides), True
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     if cfg.train.num_threads == 0 and cfg.run.engine == "ray":
         # Each virtual site runs in its own single-core actor (see engine.py).
         cfg.train.num_threads = 1
@@ -143,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         f"outputs: {run_dir}/history.jsonl, {run_dir}/accuracy.png, "
         f"{run_dir}/final/model.pt, {run_dir}/final/model_card.md"
     )
+    dp = card["method"]["dp"]
+    if dp.get("enabled"):
+        from server.privacy import describe
+
+        print(f"privacy: {describe(dp)}")
     return 0
 
 

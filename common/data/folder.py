@@ -1,4 +1,16 @@
-"""Image-folder sources (one subfolder per class) with an on-disk decode cache."""
+"""Image-folder sources (one subfolder per class) with an on-disk decode cache.
+
+Decoding rules (the same for training and for `client.predict`):
+
+- **walk**: `image_files` lists a folder recursively (sorted, hidden files and
+  folders skipped), so images in sub-folders of a class folder belong to that
+  class, and predict on a folder sees exactly the same files;
+- **colour**: the data set takes the mode of the majority of its files
+  (grayscale "L" or colour "RGB"; a tie is RGB); the other files are converted,
+  with a warning that counts them;
+- **transparency**: an image with transparent pixels is refused (there is no
+  right background to put under them); a fully opaque alpha channel is dropped.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +35,17 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L")
 _CACHE_VERSION = 1
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; hidden entries skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def list_class_folders(root: Path) -> tuple[tuple[str, ...], list[Path], np.ndarray]:
     """Class names (sorted subfolders), image paths and labels under `root`."""
     if not root.is_dir():
@@ -43,11 +66,11 @@ def list_class_folders(root: Path) -> tuple[tuple[str, ...], list[Path], np.ndar
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            p
-            for p in (root / name).iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = image_files(root / name)
+        nested = sum(1 for p in files if p.parent != root / name)
+        if nested:
+            log.info("class %s: %d of %d images are in sub-folders (counted)",
+                     name, nested, len(files))
         if not files:
             raise DataError(
                 f"class folder {root / name} has no images "
@@ -81,10 +104,27 @@ def _is_gray(path: Path) -> bool:
         ) from err
 
 
+def _refuse_transparency(path: Path, im: Image.Image) -> None:
+    """DataError for an image with transparent pixels (opaque alpha is fine)."""
+    if "A" in im.getbands():
+        alpha = np.asarray(im.getchannel("A"))
+    elif im.mode == "P" and "transparency" in im.info:
+        alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+    else:
+        return
+    clear = int(np.count_nonzero(alpha < 255))
+    if clear:
+        raise DataError(
+            f"image {path} has {clear} transparent pixel(s) (mode {im.mode}); "
+            "flatten it onto the intended background and save it without alpha"
+        )
+
+
 def decode_file(path: Path, size: int, mode: str) -> np.ndarray:
     """One image as uint8 (size, size, C) in PIL mode `mode` ("L" or "RGB")."""
     try:
         with Image.open(path) as im:
+            _refuse_transparency(path, im)
             im.draft(mode, (size, size))  # JPEG: decode at a reduced scale, faster
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
                 arr = np.asarray(im, dtype=np.float64)
@@ -102,6 +142,25 @@ def decode_file(path: Path, size: int, mode: str) -> np.ndarray:
             "delete the file (training data must decode cleanly)"
         ) from err
     return arr.reshape(size, size, 1 if mode == "L" else 3)
+
+
+def _majority_mode(root: Path, paths: list[Path]) -> str:
+    """"L" when most files are single-channel, else "RGB"; warn about the rest."""
+    gray = {p for p in paths if _is_gray(p)}
+    mode = "L" if len(gray) * 2 > len(paths) else "RGB"
+    other = [p for p in paths if (p in gray) != (mode == "L")]
+    if other:
+        log.warning(
+            "%s: %d of %d images are %s and are converted to %s like the rest, "
+            "e.g. %s",
+            root,
+            len(other),
+            len(paths),
+            "colour" if mode == "L" else "grayscale",
+            mode,
+            other[0],
+        )
+    return mode
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
@@ -155,7 +214,7 @@ def decode_folder(
         log.info("loaded %d decoded images of %s from %s", len(paths), name, cache_path)
         return classes, cached[0], cached[1]
     if mode is None:
-        mode = "L" if all(_is_gray(p) for p in paths) else "RGB"
+        mode = _majority_mode(root, paths)
     log.info(
         "decoding %d images of %s at %dpx (%s)", len(paths), name, image_size, mode
     )

@@ -152,6 +152,29 @@ def _check_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _check_generic_labels(
+    path: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], max_label: int
+) -> None:
+    """Generic class names: refuse ids no image has; warn on ids absent from train.
+
+    A file whose labels are, say, {0, 7} would otherwise train an 8-class model
+    with six classes that can never be learnt or predicted correctly.
+    """
+    present = np.unique(np.concatenate([lab for _, lab in parts.values()]))
+    empty = sorted(set(range(max_label + 1)) - {int(c) for c in present})
+    if empty:
+        raise DataError(
+            f"{path}: labels run to {max_label} but class id(s) {empty[:8]} have no "
+            f"image in any split, which would make a model of {max_label + 1} "
+            f"classes with empty ones; renumber the labels to 0..{len(present) - 1}"
+        )
+    in_train = {int(c) for c in np.unique(parts["train"][1])}
+    absent = sorted(set(range(max_label + 1)) - in_train)
+    if absent:
+        log.warning("%s: class id(s) %s have no training images; the model "
+                    "cannot learn them", path, absent[:8])
+
+
 def load_npz(
     path: str | Path,
     image_size: int,
@@ -219,6 +242,8 @@ def load_npz(
             f"{path}: key '{key}' has label {max_label} but {flag} has "
             f"{len(names)} classes (0..{len(names) - 1}); fix the labels"
         )
+    if names is None:
+        _check_generic_labels(path, parts, max_label)
     classes = names or tuple(f"class-{i}" for i in range(max(max_label + 1, 2)))
     sets = {
         s: ImageSet(np.ascontiguousarray(im), lab).resized(image_size)

@@ -39,8 +39,13 @@ def kd_loss(
     temperature: float,
     labelled: Tensor | None = None,
     unlabelled_weight: float = 1.0,
+    ce_offset: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Hard-label CE on labelled items plus T^2-scaled KL to the teacher."""
+    """Hard-label CE on labelled items plus T^2-scaled KL to the teacher.
+
+    `ce_offset` (K,) is added to the student's logits in the CE term only
+    (logit adjustment by a label prior); the KD term sees the raw logits.
+    """
     n = student_logits.shape[0]
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; must be in [0, 1]")
@@ -53,7 +58,10 @@ def kd_loss(
     all_labelled = bool(mask.all())
     # Unlabelled items may carry any placeholder label (e.g. -1); never index by it.
     safe_labels = torch.where(mask, labels.to(student_logits.device), 0)
-    ce_items = F.cross_entropy(student_logits.float(), safe_labels, reduction="none")
+    ce_logits = student_logits.float()
+    if ce_offset is not None:
+        ce_logits = ce_logits + ce_offset.to(ce_logits.device).reshape(1, -1)
+    ce_items = F.cross_entropy(ce_logits, safe_labels, reduction="none")
     ce = (ce_items * mask).sum() / max(n, 1)
     need_teacher = alpha < 1.0 or (not all_labelled and unlabelled_weight > 0)
     if teacher_logits is None:

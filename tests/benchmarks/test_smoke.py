@@ -54,4 +54,20 @@ def test_benchmarks_run_on_tiny_settings(pneumonia_npz, tmp_path):
 
 def test_run_all_covers_every_benchmark():
     names = {m.__name__.rsplit(".", 1)[-1] for m in run_all.BENCHMARKS}
-    assert names == {"why_distil", "teacher_cache", "comm", "overhead", "scale"}
+    assert names == {"why_distil", "teacher_cache", "comm", "overhead", "scale",
+                     "mia"}
+
+
+@pytest.mark.slow
+def test_mia_runs_on_tiny_settings(pneumonia_npz, tmp_path):
+    from benchmarks import mia
+
+    small_npz(pneumonia_npz, tmp_path / "small.npz")
+    out = tmp_path / "results.json"
+    keys = mia.run(True, out, tmp_path, noise=(0.1, 1.0))
+    assert set(keys) == {"mia_auc_dp_off", "mia_auc_dp_z0p1", "mia_auc_dp_z1"}
+    assert all(0.0 <= v <= 1.0 for v in keys.values())
+    settings = json.loads(out.read_text())["details"]["mia"]["settings"]
+    assert settings["dp_off"]["epsilon"] is None
+    # more noise, smaller epsilon: the reported value follows the accountant
+    assert settings["dp_z1"]["epsilon"] < settings["dp_z0.1"]["epsilon"]

@@ -15,7 +15,7 @@ from common.data.folder import decode_folder
 from common.data.medmnist import load_npz
 from common.data.views import to_student_tensor
 from common.errors import CheckpointError
-from common.model_file import save_student
+from common.model_file import content_hash, save_student
 from common.models.student import create_student
 from common.serialization import STUDENT_PREFIX, module_arrays
 
@@ -190,7 +190,91 @@ def test_file_with_foreign_preprocessing_is_refused(tmp_path):
     path = run / "final" / "model.pt"
     payload = torch.load(path, weights_only=True)
     payload["preprocess"]["mean"] = 0.485
+    payload["sha256"] = content_hash(payload)  # a consistent file, foreign recipe
     torch.save(payload, path)
 
     with pytest.raises(CheckpointError, match="mean=0.485"):
         predict.load_model(run)
+
+
+# -- integrity: hash over weights and metadata, finite weights -------------------
+
+
+def _flip_weight_byte(path: Path) -> None:
+    """Flip one byte inside the stored bytes of the largest weight tensor."""
+    payload = torch.load(path, weights_only=True)
+    name = max(payload["state_dict"], key=lambda k: payload["state_dict"][k].numel())
+    raw = payload["state_dict"][name].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(raw[:64])
+    assert at >= 0, "tensor bytes not found in the file"
+    data[at + 40] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit(path: Path, **changes) -> None:
+    """Re-save the payload with edited entries (a hand-edited model file)."""
+    payload = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if key == "image_size":
+            payload["preprocess"]["image_size"] = value
+        else:
+            payload[key] = value
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("edit", ["flip-byte", "swap-classes", "image-size"])
+def test_corrupted_or_edited_model_fails_integrity_check(tmp_path, capsys, edit):
+    run = write_student(tmp_path / "run", classes=("normal", "tumour"))
+    path = run / "final" / "model.pt"
+    if edit == "flip-byte":
+        _flip_weight_byte(path)
+    elif edit == "swap-classes":
+        _edit(path, classes=["tumour", "normal"])
+    else:
+        _edit(path, image_size=64)
+    jpeg = br35h_jpegs(1)["no"][0]
+
+    rc = predict.main(["--model", str(run), str(jpeg), "--quiet"])
+
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "fails its integrity check" in err
+
+
+def test_intact_model_records_its_hash(tmp_path):
+    run = write_student(tmp_path / "run")
+    payload = torch.load(run / "final" / "model.pt", weights_only=True)
+
+    _, meta = predict.load_model(run)
+
+    assert meta.sha256 == payload["sha256"] == content_hash(payload)
+    assert len(meta.sha256) == 64
+
+
+def test_nan_weights_are_refused_at_save(tmp_path):
+    cfg = load_config(None, ["student.arch=fedkd_cnn_tiny"])
+    arrays = module_arrays(create_student("fedkd_cnn_tiny", 2, 1), STUDENT_PREFIX)
+    name = next(k for k, v in arrays.items() if v.dtype == np.float32)
+    arrays[name] = np.full_like(arrays[name], np.nan)
+
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        save_student(tmp_path / "model.pt", arrays, cfg, ["a", "b"], 1, {})
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_nan_weights_with_a_valid_hash_are_refused_at_predict(tmp_path, capsys):
+    run = write_student(tmp_path / "run", classes=("normal", "tumour"))
+    path = run / "final" / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name] = torch.full_like(payload["state_dict"][name], np.nan)
+    payload["sha256"] = content_hash(payload)  # consistent: only the NaN is wrong
+    torch.save(payload, path)
+    jpeg = br35h_jpegs(1)["no"][0]
+
+    rc = predict.main(["--model", str(run), str(jpeg), "--quiet"])
+
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN or inf" in err and name in err
+    assert "normal,nan" not in err

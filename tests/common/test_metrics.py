@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from common.metrics import accuracy, auc, summarize
 
@@ -16,10 +17,32 @@ def test_accuracy_and_binary_auc_by_hand():
     assert auc(y, probs) == 0.75
 
 
-def test_multiclass_auc_is_mean_one_vs_rest():
-    y = np.array([0, 1, 2, 0, 1, 2])
-    probs = np.eye(3)[y] * 0.8 + 0.2 / 3
-    assert auc(y, probs) == 1.0
+def test_multiclass_auc_is_unweighted_mean_one_vs_rest():
+    # Overlapping scores and unequal class sizes (3, 2, 2), so the macro mean,
+    # the prevalence-weighted mean and a perfect 1.0 all differ.
+    y = np.array([0, 1, 2, 0, 1, 2, 0])
+    probs = np.array([
+        [0.6, 0.3, 0.1],
+        [0.5, 0.2, 0.3],
+        [0.2, 0.3, 0.5],
+        [0.3, 0.4, 0.3],
+        [0.1, 0.6, 0.3],
+        [0.4, 0.4, 0.2],
+        [0.9, 0.05, 0.05],
+    ])
+    # one-vs-rest, counting (positive, negative) pairs ranked right:
+    #   class 0: pos 0.6, 0.3, 0.9 vs neg 0.5, 0.2, 0.1, 0.4 -> (4+2+4)/12 = 5/6
+    #   class 1: pos 0.2, 0.6 vs neg 0.3, 0.3, 0.4, 0.4, 0.05 -> (1+5)/10 = 3/5
+    #   class 2: pos 0.5, 0.2 vs neg 0.1, 0.3, 0.3, 0.3, 0.05 -> (5+2)/10 = 7/10
+    macro = (5 / 6 + 3 / 5 + 7 / 10) / 3  # = 32/45
+    weighted = (3 * 5 / 6 + 2 * 3 / 5 + 2 * 7 / 10) / 7
+
+    got = auc(y, probs)
+
+    assert got == pytest.approx(32 / 45) == pytest.approx(macro)
+    assert abs(got - weighted) > 0.01
+    # arg-max: rows 0, 2, 4, 6 right; row 5 ties 0.4/0.4 -> class 0 (wrong)
+    assert accuracy(y, probs) == pytest.approx(4 / 7)
 
 
 def test_auc_undefined_on_one_class():

@@ -173,6 +173,7 @@ RANGES = {  # key: (lo, hi, lo_open)
     "partition.alpha": (0.0, math.inf, True),
     "privacy.clipping_norm": (0.0, math.inf, True),
     "privacy.noise_multiplier": (0.0, math.inf, False),
+    "privacy.delta": (0.0, 0.1, True),
 }
 
 

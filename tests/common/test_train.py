@@ -1,5 +1,6 @@
 """The local training loop: unlabelled items get KD only; determinism; features."""
 
+import pytest
 import torch
 
 from common.config import load_config
@@ -71,3 +72,38 @@ def test_same_seed_same_weights_and_feature_term_trains_projection():
         assert torch.equal(a, b)
     ev = evaluate(m2, torch.randn(10, 1, 16, 16), torch.tensor([0, 1] * 5))
     assert 0 <= ev["acc"] <= 1 and ev["num-examples"] == 10
+
+
+def test_proximal_term_matches_hand_computed_value():
+    from common.train import proximal_term
+
+    student = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        student.bias.copy_(torch.tensor([0.5]))
+    global_params = [torch.tensor([[0.0, 1.0]]), torch.tensor([1.5])]
+    # ||w - w_g||^2 = 1^2 + 1^2 + (-1)^2 = 3; (mu / 2) * 3 with mu = 0.2
+    term = proximal_term(student, global_params, 0.2)
+    assert term.item() == pytest.approx(0.3)
+    term.backward()  # gradient mu * (w - w_g)
+    torch.testing.assert_close(student.weight.grad, torch.tensor([[0.2, 0.2]]))
+    torch.testing.assert_close(student.bias.grad, torch.tensor([-0.2]))
+
+
+def test_train_local_adds_the_proximal_term(monkeypatch):
+    import common.train as train
+
+    calls = []
+    real = train.proximal_term
+
+    def spy(student, global_params, mu):
+        calls.append(mu)
+        return real(student, global_params, mu)
+
+    monkeypatch.setattr(train, "proximal_term", spy)
+    data = _data(torch.tensor([0, 1] * 4), torch.ones(8, dtype=torch.bool))
+    cfg = load_config(None, ["train.batch_size=4", "train.augment=false"])
+    torch.manual_seed(0)
+    student = create_student("fedkd_cnn_tiny", 2, 1)
+    train.train_local(student, data, cfg.train, cfg.distill, seed=0, proximal_mu=0.5)
+    assert calls and set(calls) == {0.5}

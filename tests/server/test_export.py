@@ -145,3 +145,48 @@ def test_exported_labels_follow_the_model_file(tmp_path):
     torch.jit.load(io.BytesIO(res.path.read_bytes()), _extra_files=extra)
     assert json.loads(extra["labels.json"]) == ["a", "b", "c"]
     assert json.loads(extra["preprocess.json"])["input"]["channels"] == 3
+
+
+def test_export_refuses_an_edited_model(tmp_path, capsys):
+    run = write_student(tmp_path / "run")
+    path = run / "final" / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["classes"] = ["yes", "no"]
+    torch.save(payload, path)
+
+    rc = export.main([str(run), "--format", "torchscript"])
+
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "integrity check" in err
+    assert not list((run / "final").glob("model.torchscript*"))
+
+
+def test_export_refuses_nan_weights(tmp_path, capsys):
+    from common.model_file import content_hash
+
+    run = write_student(tmp_path / "run")
+    path = run / "final" / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name][0] = float("inf")
+    payload["sha256"] = content_hash(payload)
+    torch.save(payload, path)
+
+    rc = export.main([str(run), "--format", "torchscript"])
+
+    assert rc == 2 and "NaN or inf" in capsys.readouterr().err
+
+
+def test_export_is_tied_to_its_model_and_stale_ones_are_removed(tmp_path):
+    run = write_student(tmp_path / "run", seed=0)
+    res = export.export_model(run, "torchscript")
+    side = json.loads(res.sidecar.read_text())
+    _, meta = predict.load_model(run)
+    assert side["model_sha256"] == meta.sha256
+
+    write_student(tmp_path / "run", seed=1)  # a new final model in the same folder
+
+    assert not res.path.exists() and not res.sidecar.exists()
+    res2 = export.export_model(run, "torchscript")
+    write_student(tmp_path / "run", seed=1)  # the same model again: export kept
+    assert res2.path.exists() and res2.sidecar.exists()

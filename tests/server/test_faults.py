@@ -260,15 +260,23 @@ def test_dp_round_survives_a_failing_site(npz, tmp_path):
     rows = history.read_rows(tmp_path / "run" / "history.jsonl")
     assert [r["retries"] for r in rows] == [0, 0]
     assert all(len(r["failed"]) == 1 and "disk full" in r["failed"][0] for r in rows)
-    assert rows[-1]["privacy"] == {"clipping_norm": 1.0, "noise_multiplier": 0.1,
-                                   "epsilon": None}
     import json
 
+    from server.privacy import gaussian_epsilon
+
+    # 2 rounds, one noisy aggregate each: epsilon is the library's for 2 releases
+    priv = rows[-1]["privacy"]
+    assert (priv["clipping_norm"], priv["noise_multiplier"], priv["releases"],
+            priv["delta"], priv["denominator"]) == (1.0, 0.1, 2, 1e-5, 3)
+    assert priv["epsilon"] == pytest.approx(gaussian_epsilon(0.1, 2, 1e-5))
+    assert rows[0]["privacy"]["epsilon"] < priv["epsilon"]
     card = json.loads((tmp_path / "run" / "final" / "model_card.json").read_text())
     dp = card["method"]["dp"]
     assert (dp["enabled"], dp["clipping_norm"], dp["noise_multiplier"]) == (
         True, 1.0, 0.1)
-    assert dp["epsilon"] is None and "not computed" in dp["epsilon_note"]
+    assert (dp["epsilon"], dp["delta"]) == (priv["epsilon"], 1e-5)
+    md = (tmp_path / "run" / "final" / "model_card.md").read_text()
+    assert f"epsilon = {priv['epsilon']:.3g}, delta = 1e-05" in md
 
 
 def _dies_on_save_of(round_no):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     ConfigRecord,
     Message,
@@ -58,17 +59,25 @@ def test_fedavg_equals_weighted_np_average():
 
 
 def test_fp16_replies_are_upcast_before_averaging():
-    w1 = np.full((3, 2), 1.0, np.float32)
-    w2 = np.full((3, 2), 3.0, np.float32)
+    # 0.1 and 1/3 are not exact in float16: the wire rounds each reply, and the
+    # mean of the rounded values is itself not a float16 number, so an average
+    # taken (or kept) in float16 would differ from this hand-computed one.
+    w1 = np.full((3, 2), 0.1, np.float32)
+    w2 = np.full((3, 2), 1 / 3, np.float32)
+    a, b = np.float32(np.float16(0.1)), np.float32(np.float16(1 / 3))
+    expected = np.float32((a + b) / 2)
+    assert a != np.float32(0.1) and np.float16(expected) != expected
     strat = _strategy("federation.transfer_dtype=float16")
     replies = []
     for w, name in ((w1, "a"), (w2, "b")):
         msg = _reply({"student.w": w}, 1, name)
         msg.content["arrays"] = pack({"student.w": w}, "float16")
         replies.append(msg)
+
     agg, _ = strat.aggregate_train(1, replies)
+
     assert agg["student.w"].numpy().dtype == np.float32
-    np.testing.assert_allclose(agg["student.w"].numpy(), 2.0)
+    np.testing.assert_allclose(agg["student.w"].numpy(), expected, rtol=1e-7)
 
 
 def test_nan_update_is_rejected_and_recorded():
@@ -110,14 +119,94 @@ def test_pack_refuses_non_model_arrays():
         pack({"images": np.zeros((2, 2), np.uint8)})
 
 
-@pytest.mark.parametrize("name", ["fedprox", "fedmedian", "fedtrimmedavg", "krum"])
-def test_robust_strategies_build_and_aggregate(name):
-    strat = _strategy(f"federation.strategy={name}", "federation.norm_outlier_factor=0")
+# Five sites with values 1, 2, 4, 8, 100 and 10..50 examples, aggregated by hand:
+#   fedprox (FedAvg on the server): (1*10 + 2*20 + 4*30 + 8*40 + 100*50) / 150
+#   fedmedian: median(1, 2, 4, 8, 100) = 4
+#   fedtrimmedavg, beta 0.2: int(0.2 * 5) = 1 cut per side -> mean(2, 4, 8)
+#   krum, 1 byzantine: score = sum of squared distances to the n - f - 2 = 2
+#     nearest others: 1 -> 1 + 9, 2 -> 1 + 4, 4 -> 4 + 9, 8 -> 16 + 36; pick 2
+ROBUST = {
+    "fedprox": 5490 / 150,
+    "fedmedian": 4.0,
+    "fedtrimmedavg": 14 / 3,
+    "krum": 2.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_robust_strategies_match_hand_computed_aggregates(name):
+    cfg = load_config(None, ["partition.sites=5", f"federation.strategy={name}",
+                             "federation.norm_outlier_factor=0",
+                             "federation.trim_beta=0.2", "federation.krum_byzantine=1"])
+    strat = build_strategy(cfg, 5)
+    strat._reference = pack({"student.w": np.zeros((3, 2), np.float32)})
     replies = [
-        _reply({"student.w": np.full((3, 2), v, np.float32)}, 5, f"s{v}")
-        for v in (1.0, 2.0, 3.0, 100.0)
+        _reply({"student.w": np.full((3, 2), v, np.float32)}, n, f"s{v}")
+        for v, n in ((1.0, 10), (2.0, 20), (4.0, 30), (8.0, 40), (100.0, 50))
     ]
+
     agg, _ = strat.aggregate_train(1, replies)
-    assert agg is not None
-    if name in ("fedmedian", "krum"):
-        assert agg["student.w"].numpy().max() <= 3.0
+
+    np.testing.assert_allclose(agg["student.w"].numpy(), ROBUST[name], rtol=1e-6)
+
+
+def test_integer_buffers_stay_integer_through_averaging_and_the_fp16_wire():
+    # num_batches_tracked above 65504 would be inf in float16 and load as
+    # -9223372036854775808; averaging alone turns it into a float.
+    from common.serialization import load_into
+
+    steps = np.array(70_001, np.int64)
+    strat = _strategy("federation.transfer_dtype=float16",
+                      "federation.norm_outlier_factor=0")
+    strat._reference = pack({"student.bn.num_batches_tracked": steps,
+                             "student.w": np.zeros((3, 2), np.float32)})
+    replies = [_reply({"student.bn.num_batches_tracked": steps,
+                       "student.w": np.full((3, 2), v, np.float32)}, n, f"s{v}")
+               for v, n in ((1.0, 1), (2.0, 2))]
+
+    agg, _ = strat.aggregate_train(1, replies)
+    wire = pack({k: agg[k].numpy() for k in agg.keys()}, "float16")
+
+    assert agg["student.bn.num_batches_tracked"].numpy().dtype == np.int64
+    assert wire["student.bn.num_batches_tracked"].numpy().dtype == np.int64
+    module = torch.nn.Module()
+    module.bn = torch.nn.Module()
+    module.bn.register_buffer("num_batches_tracked", torch.tensor(0))
+    module.w = torch.nn.Parameter(torch.zeros(3, 2))
+    load_into(module, wire, "student.")
+    assert int(module.bn.num_batches_tracked) == 70_001
+
+
+def test_server_send_refuses_values_outside_float16():
+    from common.errors import MessageError
+
+    strat = _strategy("federation.transfer_dtype=float16")
+    arrays = pack({"student.w": np.array([1.0, 7e4, -1e5], np.float32)})
+
+    with pytest.raises(MessageError, match=r"'student.w' has 2 value\(s\) outside"):
+        strat.configure_train(1, arrays, ConfigRecord(), grid=None)
+
+
+def _eval_reply(name: str, metrics: dict | None, node: int) -> Message:
+    out = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
+                  message_type=MessageType.EVALUATE)
+    content = {"site": ConfigRecord({"name": name})}
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    return Message(RecordDict(content), reply_to=out)
+
+
+def test_evaluate_reply_without_metrics_is_rejected_not_raised():
+    strat = _strategy()
+    replies = [
+        _eval_reply("a", {"num-examples": 10, "acc": 0.5}, 1),
+        _eval_reply("b", {"num-examples": 30, "acc": 0.9}, 2),
+        _eval_reply("empty", None, 3),
+    ]
+
+    out = strat.aggregate_evaluate(1, replies)
+
+    assert out["acc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert out["worst_site_acc"] == pytest.approx(0.5)
+    assert any(r.startswith("empty (evaluate): malformed") for r in
+               strat.report.rejected)

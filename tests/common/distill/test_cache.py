@@ -162,3 +162,22 @@ def test_cache_key_tracks_view_and_weights():
     with torch.no_grad():
         next(t3.model.parameters()).add_(1.0)
     assert teacher_cache_key(t3, 0) != k1
+
+
+def test_cache_key_tracks_arch_and_image_size():
+    from types import SimpleNamespace
+
+    def stub(**over):
+        fields = dict(arch="vit_small_patch14_dinov2", weights_source="random",
+                      weights_spec="random", image_size=28, mean=(0.5,), std=(0.5,),
+                      weights_checksum=lambda: "abc")
+        return SimpleNamespace(**{**fields, **over})
+
+    base = teacher_cache_key(stub(), 0)
+    digest = base.rsplit("-", 1)[1]
+
+    assert teacher_cache_key(stub(), 0) == base
+    for other in (stub(image_size=56), stub(arch="vit_base_patch14_dinov2")):
+        key = teacher_cache_key(other, 0)
+        # both the readable prefix and the hash (the part that must not collide)
+        assert key != base and key.rsplit("-", 1)[1] != digest
