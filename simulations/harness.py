@@ -2,7 +2,7 @@
 
     python -m simulations.harness \
         --experiment simulations/experiments/br35h_proxy.yaml \
-        [--out docs/results/br35h] [--work runs/harness] [--seeds 0 1 2] \
+        [--out docs/results/br35h] [--work runs/harness] [--seeds 0 1 2 3 4] \
         [--set k=v ...] [--report-only]
 
 An experiment file names the base overrides, the methods (each a set of
@@ -107,7 +107,9 @@ def _runs(exp: Experiment, work: Path, extra: dict[str, Any],
     runs = []
     for value, (method, m_over), seed in itertools.product(
             values, exp.methods.items(), exp.seeds):
-        merged = {**exp.base, **extra, **m_over, **(per_seed or {}).get(seed, {}),
+        # a method's own overrides win over the seed's proxy teacher (a method
+        # may name another teacher, e.g. a random-init one)
+        merged = {**exp.base, **(per_seed or {}).get(seed, {}), **extra, **m_over,
                   "train.seed": seed}
         if axis is not None:
             merged[axis] = value
