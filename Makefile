@@ -3,14 +3,15 @@
 #   make test   - create .venv, install, run the offline test suite
 #
 # The DINOv2 hub is unreachable on air-gapped machines, so the demo's teacher
-# weights are a make variable. The default here is RANDOM-INIT (every output
-# of such a run says so); for a real run pass hub weights or a local file:
+# is a make variable. The default is a PROXY teacher (a resnet18 trained on a
+# public pool no hospital receives; every output says PROXY); for the real
+# DINOv2 pass hub weights or a local file:
 #   make demo TEACHER_WEIGHTS=hub
 #   make demo TEACHER_WEIGHTS=file:/models/dinov2_vits14_pretrain.pth
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TEACHER_WEIGHTS ?= random
+TEACHER_WEIGHTS ?= proxy
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
@@ -25,10 +26,8 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	@echo ">>> teacher.weights=$(TEACHER_WEIGHTS) (set TEACHER_WEIGHTS=hub or file:<path> for a real teacher)"
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m simulations.run \
-	  --config simulations/configs/default.yaml \
-	  --set teacher.weights=$(TEACHER_WEIGHTS) --set run.out_dir=$(DEMO_OUT) $(DEMO_ARGS)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m simulations.demo \
+	  --teacher $(TEACHER_WEIGHTS) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: venv
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from benchmarks import comm, mia, overhead, scale, teacher_cache, why_distil
+from benchmarks import comm, deploy, mia, overhead, scale, teacher_cache, why_distil
 from benchmarks._util import parser
 
-BENCHMARKS = (why_distil, teacher_cache, comm, overhead, scale, mia)
+BENCHMARKS = (why_distil, teacher_cache, comm, overhead, scale, mia, deploy)
 
 
 def main() -> None:

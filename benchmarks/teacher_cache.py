@@ -40,7 +40,9 @@ def run(quick: bool, out, work) -> dict:
             "teacher.weights=random",
         ]
     )
-    cfg = load_config(None, [*over, "partition.sites=4", f"teacher.cache_dir={cache}"])
+    # one view: mode B below recomputes the features of the unaugmented images
+    cfg = load_config(None, [*over, "partition.sites=4", "teacher.views=1",
+                             f"teacher.cache_dir={cache}"])
     rounds = 2 if quick else 3
     t0 = time.perf_counter()
     sites = [

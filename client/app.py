@@ -25,7 +25,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client import site as site_lib
 from common.config import ExperimentConfig, config_from_yaml_text
 from common.errors import MessageError
-from common.serialization import pack
+from common.serialization import EVAL_RECEIVED, EVAL_RECORD, pack
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ def train(msg: Message, context: Context) -> Message:
     """Distil into the global student on this site's data and reply its update."""
     cfg, conf = _unpack(msg)
     site = site_lib.get_site(cfg, dict(context.node_config))
+    received = None
+    if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: before training
+        received = site_lib.evaluate_round(
+            cfg, site, _arrays(msg), context.state, int(conf["num-classes"])
+        )
     arrays, metrics = site_lib.train_round(
         cfg,
         site,
@@ -95,6 +100,8 @@ def train(msg: Message, context: Context) -> Message:
             "site": ConfigRecord({"name": site.name}),
         }
     )
+    if received is not None:
+        content[EVAL_RECORD] = ConfigRecord({k: float(v) for k, v in received.items()})
     return Message(content=content, reply_to=msg)
 
 

@@ -23,6 +23,7 @@ from common.config import ExperimentConfig
 from common.data.sites import SiteData, build_sites, load_site
 from common.data.sources import load_dataset
 from common.data.views import apply_view, decode_size, to_student_tensor
+from common.device import setup_device
 from common.distill.cache import FeatureCache, teacher_cache_key
 from common.distill.gate import gate_weight
 from common.errors import DataError
@@ -77,6 +78,10 @@ class Site:
     feats_test: torch.Tensor | None  # (N, D) teacher features of the test images
     teacher_info: dict
     class_counts: list[int]
+    # where the student trains and is evaluated; x/y tensors already live there
+    device: torch.device = torch.device("cpu")
+    # a deployed site (its own data source), not a simulated partition
+    deployed: bool = False
 
 
 # Per-process memo of derived, read-only data (decoded images, teacher). It is a
@@ -91,18 +96,24 @@ def _dataset(
 
 
 @functools.lru_cache(maxsize=2)
-def _teacher(arch: str, weights: str, image_size: int) -> FrozenTeacher:
+def _teacher(arch: str, weights: str, image_size: int, device: str) -> FrozenTeacher:
     from common.config import TeacherConfig
 
-    return load_teacher(
+    teacher = load_teacher(
         TeacherConfig(arch=arch, weights=weights, image_size=image_size)
     )
+    return teacher.to(device) if device != "cpu" else teacher
+
+
+def site_device(cfg: ExperimentConfig) -> torch.device:
+    """The device `run.device` resolves to here (CPU threads set on the way)."""
+    return setup_device(cfg.run.device, cfg.train.num_threads)
 
 
 def teacher_for(cfg: ExperimentConfig) -> FrozenTeacher:
     """The frozen teacher named by the config (memoised per process)."""
     t = cfg.teacher
-    return _teacher(t.arch, t.weights, t.image_size)
+    return _teacher(t.arch, t.weights, t.image_size, str(site_device(cfg)))
 
 
 def dataset_for(cfg: ExperimentConfig):
@@ -147,26 +158,42 @@ def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
 def teacher_features(
     cfg: ExperimentConfig, images: np.ndarray, views: int, cache_root: str | Path
 ) -> tuple[np.ndarray, dict]:
-    """Cached teacher features (V, N, D) for `views` fixed views of `images`."""
-    teacher = teacher_for(cfg)
-    out, hits, misses = [], 0, 0
+    """Cached teacher features (V, N, D) for `views` fixed views of `images`.
+
+    The teacher is built only when some image is not cached yet: the cache key
+    comes from the config (common/distill/cache.py), and the teacher's
+    description from the cache's `teacher.json`.
+    """
+    root = Path(cache_root).expanduser()
+    built: list[FrozenTeacher] = []
+
+    def compute(imgs: np.ndarray) -> np.ndarray:
+        if not built:
+            built.append(teacher_for(cfg))
+        return built[0].features(imgs, batch_size=cfg.teacher.batch_size)
+
+    out, hits, misses, described = [], 0, 0, None
     for v in range(views):
-        cache = FeatureCache(
-            Path(cache_root).expanduser(), teacher_cache_key(teacher, v)
-        )
-        feats, stats = cache.get_or_compute(
-            apply_view(images, v),
-            lambda imgs: teacher.features(imgs, batch_size=cfg.teacher.batch_size),
-        )
+        cache = FeatureCache(root, teacher_cache_key(cfg.teacher, v, memo_root=root))
+        feats, stats = cache.get_or_compute(apply_view(images, v), compute)
         out.append(feats)
         hits, misses = hits + stats.hits, misses + stats.misses
-    info = dict(teacher.describe(), cache_hits=hits, cache_misses=misses)
+        described = cache.read_info()
+        if described is None or built:  # first build, or check it matches
+            if not built:  # cached rows without a description (crash, old run)
+                built.append(teacher_for(cfg))
+            cache.write_info(built[0].describe())
+            described = cache.read_info()
+    info = dict(described or {}, cache_hits=hits, cache_misses=misses)
+    info["teacher_built"] = bool(built)
     return np.stack(out), info
 
 
 def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
     """Decode, shift, view and featurise one site's data."""
     raw = site_data(cfg, node_config)
+    classes = class_names(cfg, raw)
+    device = site_device(cfg)
     cache_root = node_config.get("cache-dir", cfg.teacher.cache_dir)
     # Every method trains on the same fixed views, so augmentation is equal
     # across methods; the teacher's targets are cached for exactly these views.
@@ -182,24 +209,41 @@ def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:
         fs, _ = teacher_features(cfg, raw.test.images, 1, cache_root)
         feats_train, feats_test = torch.from_numpy(ft), torch.from_numpy(fs[0])
         info["used"] = True
-    n_cls = max(len(raw.classes), int(raw.train.labels.max(initial=0)) + 1)
+    n_cls = max(len(classes), int(raw.train.labels.max(initial=0)) + 1)
     counts = np.bincount(raw.train.labels, minlength=n_cls).tolist()
+    # Moved to the device once here, never per batch (a no-op on the CPU).
     return Site(
         name=raw.name,
-        classes=tuple(raw.classes),
+        classes=classes,
         channels=int(raw.train.images.shape[-1]),
         train=LocalData(
-            x=x,
-            y=torch.from_numpy(raw.train.labels.astype(np.int64)),
-            labelled=torch.from_numpy(raw.labelled.astype(bool)),
+            x=x.to(device),
+            y=torch.from_numpy(raw.train.labels.astype(np.int64)).to(device),
+            labelled=torch.from_numpy(raw.labelled.astype(bool)).to(device),
         ),
-        test_x=to_student_tensor(raw.test.images, size),
-        test_y=torch.from_numpy(raw.test.labels.astype(np.int64)),
+        test_x=to_student_tensor(raw.test.images, size).to(device),
+        test_y=torch.from_numpy(raw.test.labels.astype(np.int64)).to(device),
         feats_train=feats_train,
         feats_test=feats_test,
         teacher_info=info,
         class_counts=counts,
+        device=device,
+        deployed="data-source" in node_config,
     )
+
+
+def class_names(cfg: ExperimentConfig, raw: SiteData) -> tuple[str, ...]:
+    """`data.classes` when set (checked against the labels), else the source's."""
+    if not cfg.data.classes:
+        return tuple(raw.classes)
+    names = tuple(c.strip() for c in cfg.data.classes.split(","))
+    top = max(int(raw.train.labels.max(initial=0)), int(raw.test.labels.max(initial=0)))
+    if top >= len(names):
+        raise DataError(
+            f"site {raw.name}: label {top} found but data.classes names "
+            f"{len(names)} classes ({cfg.data.classes}); list one name per label"
+        )
+    return names
 
 
 _SITES: dict[tuple[str, str], Site] = {}
@@ -229,6 +273,8 @@ def site_info(cfg: ExperimentConfig, site: Site) -> dict:
         "teacher-weights": str(site.teacher_info.get("weights_source", "none")),
         "teacher-feature-dim": int(site.teacher_info.get("feature_dim", 0)),
     }
+    if site.deployed:  # the model card then describes sites, not a partition
+        info["deployed"] = True
     if cfg.privacy.share_class_counts:  # the site's prevalence, exactly
         info["class-counts"] = [int(c) for c in site.class_counts]
     return info
@@ -259,9 +305,9 @@ def _head_for_round(
     seed: int,
 ) -> tuple[nn.Linear, nn.Linear | None]:
     """(head giving this round's soft targets, head to send back or None)."""
-    labelled = site.train.labelled
+    labelled = site.train.labelled.cpu()  # the head is fitted on the CPU
     feats = site.feats_train[:, labelled].reshape(-1, site.feats_train.shape[-1])
-    labels = site.train.y[labelled].repeat(site.feats_train.shape[0])
+    labels = site.train.y.cpu()[labelled].repeat(site.feats_train.shape[0])
     if cfg.teacher.head == "local":
         if LOCAL_HEAD_KEY in state:
             head = nn.Linear(feats.shape[1], num_classes)
@@ -336,12 +382,12 @@ def kd_gate(
     """
     if not cfg.distill.gate or site.feats_test is None or len(site.test_y) == 0:
         return 1.0, {"kd_weight": 1.0}
-    y = site.test_y.numpy()
+    y = site.test_y.cpu().numpy()
     with torch.no_grad():
         t_probs = torch.softmax(head_logits(head, site.feats_test).float(), dim=1)
     s_probs = predict_proba(student, site.test_x)
     t_score = balanced_accuracy(y, t_probs.numpy())
-    s_score = balanced_accuracy(y, s_probs.numpy())
+    s_score = balanced_accuracy(y, s_probs.cpu().numpy())
     w = gate_weight(
         t_score, s_score, floor=cfg.distill.gate_floor, margin=cfg.distill.gate_margin
     )
@@ -366,6 +412,7 @@ def train_round(
     student = make_student(cfg, num_classes, site.channels)
     source = _student_source(cfg, state, arrays)
     load_into(student, source, STUDENT_PREFIX)
+    student.to(site.device)  # a no-op on the CPU
     proj = None
     out: dict[str, np.ndarray] = {}
     metrics: dict[str, float] = {}
@@ -381,18 +428,24 @@ def train_round(
             logits = head_logits(
                 target_head, site.feats_train.reshape(-1, site.feats_train.shape[-1])
             )
+        # Teacher targets go to the device once per round, not per batch.
         data = LocalData(
             x=data.x,
             y=data.y,
             labelled=data.labelled,
-            teacher_logits=logits.reshape(site.feats_train.shape[0], site.train.n, -1),
-            teacher_feats=site.feats_train,
+            teacher_logits=logits.reshape(
+                site.feats_train.shape[0], site.train.n, -1
+            ).to(site.device),
+            teacher_feats=site.feats_train.to(site.device)
+            if cfg.distill.feature_weight > 0
+            else site.feats_train,
         )
         if send_head is not None:
             out.update(module_arrays(send_head, HEAD_PREFIX))
         if cfg.distill.feature_weight > 0:
             proj = make_proj(student, site.feats_train.shape[-1])
             load_into(proj, source, PROJ_PREFIX)
+            proj.to(site.device)
     metrics.update(
         train_local(
             student,
@@ -425,7 +478,7 @@ def evaluate_round(
     student = make_student(cfg, num_classes, site.channels)
     source = _student_source(cfg, state, arrays)
     load_into(student, source, STUDENT_PREFIX)
-    metrics = evaluate(student, site.test_x, site.test_y)
+    metrics = evaluate(student.to(site.device), site.test_x, site.test_y)
     if uses_teacher(cfg) and site.feats_test is not None:
         head = None
         if any(k.startswith(HEAD_PREFIX) for k in arrays.keys()):
@@ -436,7 +489,9 @@ def evaluate_round(
             load_into(head, state[LOCAL_HEAD_KEY], HEAD_PREFIX)
         if head is not None:
             with torch.no_grad():
-                t = evaluate_logits(head_logits(head, site.feats_test), site.test_y)
+                t = evaluate_logits(
+                    head_logits(head, site.feats_test), site.test_y.cpu()
+                )
             metrics.update(
                 {f"teacher_{k}": v for k, v in t.items() if k != "num-examples"}
             )

@@ -34,6 +34,10 @@ class DataConfig:
     # fractions for the seeded stratified split of sources without official splits
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    # label names in label order, comma-separated ("normal,pneumonia"); "" = the
+    # source's own (MedMNIST names guessed from an npz file name, folder names,
+    # or class-0..). A deployment sets them so they never hang on a file name.
+    classes: str = ""
 
 
 @dataclass
@@ -69,9 +73,9 @@ class TeacherConfig:
     weights: str = "hub"
     # teacher input side (px); a multiple of the patch size for ViTs
     image_size: int = 112
-    # local: head fitted and kept at each site | federated: averaged by the server
-    # (the default: it scored higher on the validation split when labels are
-    # scarce; docs/results/labelled-fraction)
+    # local: head fitted and kept at each site | federated: averaged by the
+    # server (the default: under label skew a site's own head never sees the
+    # classes it lacks; docs/results/federated-gap)
     head: str = "federated"
     # epochs of head training per round when the head is federated
     head_epochs: int = 20
@@ -144,6 +148,11 @@ class FederationConfig:
     norm_outlier_factor: float = 10.0
     # retries of a round that got fewer than min_sites replies
     max_round_retries: int = 1
+    # sites evaluate the model they receive inside the train reply (one message
+    # per site and round instead of two); that model is the previous round's
+    # aggregate, so its metrics are recorded under that round, and the final
+    # model is evaluated once after the last round
+    eval_in_train: bool = False
     # trimming fraction for fedtrimmedavg / number of byzantine sites for krum
     trim_beta: float = 0.2
     krum_byzantine: int = 1
@@ -203,6 +212,9 @@ class RunConfig:
     # eval_last rounds (the report's last-k means need them)
     eval_every: int = 1
     eval_last: int = 5
+    # where sites compute: auto (the GPU when there is one: CUDA, then MPS;
+    # otherwise CPU with one torch thread per usable CPU) | cpu | cuda | mps
+    device: str = "cpu"
 
 
 @dataclass
@@ -247,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam"),
     "train.lr_schedule": ("cosine", "constant"),
     "run.engine": ("ray", "inprocess"),
+    "run.device": ("auto", "cpu", "cuda", "mps"),
 }
 
 _SOURCE_RE = re.compile(
@@ -455,6 +468,18 @@ def validate(cfg: ExperimentConfig) -> None:
             "may fail with that probability could expose a whole site",
             cfg.privacy.delta,
             1 / cfg.partition.sites,
+        )
+    names = [c.strip() for c in cfg.data.classes.split(",")] if cfg.data.classes else []
+    if names and (not all(names) or len(set(names)) != len(names)):
+        raise ConfigError(
+            f"config key 'data.classes' = {cfg.data.classes!r} is not valid; give "
+            "distinct, non-empty names in label order, e.g. normal,pneumonia"
+        )
+    if cfg.federation.eval_in_train and cfg.federation.fraction_train < 1.0:
+        log.warning(
+            "federation.eval_in_train with fraction_train=%g: only the sites "
+            "sampled for training evaluate each round",
+            cfg.federation.fraction_train,
         )
     if cfg.distill.alpha == 1.0 and cfg.distill.feature_weight > 0:
         log.warning(

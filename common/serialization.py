@@ -23,6 +23,11 @@ HEAD_PREFIX = "head."
 # same teacher feature space.
 PROJ_PREFIX = "proj."
 ALLOWED_PREFIXES = (STUDENT_PREFIX, HEAD_PREFIX, PROJ_PREFIX)
+# federation.eval_in_train: the server sets EVAL_RECEIVED in the train config,
+# and the site's train reply carries the received model's metrics (scalars) in
+# a ConfigRecord EVAL_RECORD (Flower's aggregation wants one MetricRecord).
+EVAL_RECEIVED = "evaluate-received"
+EVAL_RECORD = "eval"
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 

@@ -128,7 +128,7 @@ def train_local(
         pool = torch.arange(data.n)
     else:
         # Without a teacher an unlabelled image carries no signal at all.
-        pool = torch.nonzero(data.labelled).flatten()
+        pool = torch.nonzero(data.labelled.cpu()).flatten()  # indices on the CPU
     if len(pool) < 2:
         raise ValueError(f"site has {len(pool)} usable training images; need >= 2")
     n_views = data.x.shape[0]
@@ -223,11 +223,11 @@ def evaluate(
     """ACC, AUC, CE loss and count of `model` on (x, y)."""
     probs = predict_proba(model, x, batch_size)
     loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item() if len(y) else 0.0
-    return summarize(y.numpy(), probs.numpy(), loss)
+    return summarize(y.cpu().numpy(), probs.cpu().numpy(), loss)
 
 
 def evaluate_logits(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Metrics for precomputed logits (the teacher probe)."""
     probs = torch.softmax(logits.float(), dim=1)
     loss = F.cross_entropy(logits.float(), y).item() if len(y) else 0.0
-    return summarize(y.numpy(), probs.numpy(), loss)
+    return summarize(y.cpu().numpy(), probs.cpu().numpy(), loss)

@@ -23,11 +23,23 @@ from common import model_file
 from common.config import ExperimentConfig
 from common.errors import FedKDError
 from common.models.student import count_params, create_student
-from common.serialization import PROJ_PREFIX, STUDENT_PREFIX, module_arrays, pack
+from common.serialization import (
+    EVAL_RECEIVED,
+    EVAL_RECORD,
+    PROJ_PREFIX,
+    STUDENT_PREFIX,
+    module_arrays,
+    pack,
+)
 from server import checkpoint, history, model_card, privacy
 from server.evaluation import GlobalEvaluator
 from server.plots import plot_history
-from server.strategy import NODE_NAMES, build_strategy
+from server.strategy import (
+    NODE_NAMES,
+    RoundReport,
+    build_strategy,
+    site_eval_means,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +91,31 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
             f"{len(infos)} sites answered the handshake, federation.min_sites="
             f"{cfg.federation.min_sites}; first failure: {detail}"
         )
-    classes = {tuple(i["classes"]) for i in infos}
-    channels = {int(i["channels"]) for i in infos}
-    if len(classes) > 1 or len(channels) > 1:
-        raise FederationError(
-            f"sites disagree on the label space {sorted(classes)} or channels "
-            f"{sorted(channels)}; every site must export the same classes"
-        )
+    check_sites_agree(infos)
     infos.sort(key=lambda i: str(i["name"]))
     return infos
+
+
+def check_sites_agree(infos: list[dict[str, Any]]) -> None:
+    """Stop with one line naming the sites when class names or channels differ."""
+    for key, what, fix in (
+        ("classes", "class names", "set data.classes in the experiment"),
+        ("channels", "image channels", "export every site in one colour mode"),
+    ):
+        groups: dict[str, list[str]] = {}
+        for info in infos:
+            value = info[key]
+            text = ",".join(map(str, value)) if isinstance(value, list) else value
+            groups.setdefault(str(text), []).append(str(info.get("name")))
+        if len(groups) > 1:
+            detail = "; ".join(
+                f"{'/'.join(sorted(names))}: {value}"
+                for value, names in sorted(groups.items())
+            )
+            raise FederationError(
+                f"sites disagree on {what}: {detail}; every site must use the "
+                f"same ones ({fix})"
+            )
 
 
 def initial_arrays(
@@ -122,13 +150,13 @@ def _train_round(
         # Seed node sampling per (seed, round) so a resumed run samples alike.
         random.seed(cfg.train.seed * 100_003 + rnd * 101 + attempt)
         msgs = strategy.configure_train(rnd, arrays, train_conf, grid)
-        replies = grid.send_and_receive(msgs, timeout=fed.round_timeout)
+        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
         new_arrays, metrics = strategy.aggregate_train(rnd, replies)
         report = strategy.report
         ok = report.accepted
         if new_arrays is not None and ok >= fed.min_sites:
             report.failed[:0] = earlier
-            return new_arrays, metrics, report, attempt
+            return new_arrays, metrics, report, attempt, replies
         earlier += [
             f"attempt {attempt + 1}: {f}" for f in report.failed + report.rejected
         ]
@@ -146,6 +174,48 @@ def _train_round(
         f"round {rnd}: fewer than federation.min_sites={fed.min_sites} sites returned "
         f"a usable update after {fed.max_round_retries + 1} attempts; failures: "
         f"{(report.failed + report.rejected)[:3]}"
+    )
+
+
+def _received_eval(replies: list[Message]) -> tuple[dict[str, Any], dict]:
+    """(site-mean metrics, per-site `eval/` rows) of the model the sites received.
+
+    With federation.eval_in_train each train reply carries them in EVAL_RECORD.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    for msg in replies:
+        if msg.has_error() or EVAL_RECORD not in msg.content.config_records:
+            continue
+        name = str(msg.content["site"].get("name", msg.metadata.src_node_id))
+        rows[name] = {k: float(v) for k, v in msg.content[EVAL_RECORD].items()}
+    sites = {n: {f"eval/{k}": v for k, v in r.items()} for n, r in rows.items()}
+    return site_eval_means(rows), sites
+
+
+def _fill_eval(row: dict[str, Any], eval_metrics: dict, sites: dict) -> None:
+    """Put site evaluation of row's model into the row (eval_in_train)."""
+    row["eval"] = dict(eval_metrics or {})
+    for name, values in sites.items():
+        row["sites"].setdefault(name, {}).update(values)
+
+
+def _log_row(cfg: ExperimentConfig, row: dict[str, Any]) -> None:
+    """One progress line per round (forwarded to `flwr log` by server.app)."""
+    global_metrics = row.get("global") or {}
+    failed, rejected = row.get("failed") or [], row.get("rejected") or []
+    log.info(
+        "round %d/%d  sites %d replied  site-acc %.4f  worst %.4f  global-acc %s"
+        "  (%.1fs)%s",
+        row["round"],
+        cfg.federation.rounds,
+        len(row.get("sites") or {}),
+        row["eval"].get("acc", float("nan")),
+        row["eval"].get("worst_site_acc", float("nan")),
+        f"{global_metrics['acc']:.4f}" if "acc" in global_metrics else "n/a",
+        row["seconds"],
+        f"  failed={len(failed)} rejected={len(rejected)}"
+        if failed or rejected
+        else "",
     )
 
 
@@ -220,6 +290,10 @@ def run_federation(
     strategy = build_strategy(cfg, len(infos))
     start = 1
     last: dict[str, Any] = {}
+    # federation.eval_in_train: a round's row waits for its site evaluation,
+    # which the sites send with the next round's train replies.
+    in_train = cfg.federation.eval_in_train and cfg.federation.fraction_evaluate > 0
+    pending: dict[str, Any] | None = None
     if resume:
         if cfg.federation.strategy == "local":
             # Each site's own model lives only in its process (context.state);
@@ -237,7 +311,13 @@ def run_federation(
         if cfg.privacy.dp:  # the accountant continues from the releases so far
             strategy.releases = int((last.get("privacy") or {}).get("releases", 0))
         _inner(strategy).load_optimizer_state(ckpt.get("optimizer_state") or {})
-        history.truncate_to_round(hist_path, int(ckpt["round"]))
+        if in_train and last:
+            # The checkpoint's row still waits for its site evaluation, which
+            # comes with the next round's train replies (or the final evaluate).
+            pending = last
+        history.truncate_to_round(
+            hist_path, int(ckpt["round"]) - (1 if pending else 0)
+        )
         log.info("resuming %s after round %d", run_dir, ckpt["round"])
     else:
         arrays = pack(initial_arrays(cfg, len(classes), channels, feature_dim))
@@ -252,15 +332,33 @@ def run_federation(
     eval_conf = _config_record(cfg, len(classes))
     for rnd in range(start, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
-        arrays, train_metrics, report, retries = _train_round(
+        if in_train:  # ask the sites to evaluate what they receive (round rnd-1)
+            train_conf = _config_record(cfg, len(classes))
+            train_conf[EVAL_RECEIVED] = pending is not None and eval_due(cfg, rnd - 1)
+        arrays, train_metrics, report, retries, replies = _train_round(
             strategy, grid, cfg, rnd, arrays, train_conf
         )
         t_train = time.perf_counter() - t0
+        # With eval_in_train the round's accuracy line comes a round later.
+        log.log(
+            logging.INFO if in_train else logging.DEBUG,
+            "round %d/%d trained: %d of %d sites replied (%.1fs)",
+            rnd,
+            cfg.federation.rounds,
+            report.accepted,
+            report.sampled,
+            t_train,
+        )
+        if pending is not None:
+            _fill_eval(pending, *_received_eval(replies))
+            history.append_row(hist_path, pending)
+            _log_row(cfg, pending)
+            pending = None
         eval_metrics = None
         global_metrics: dict[str, Any] = {}
         val_metrics: dict[str, Any] = {}
         if eval_due(cfg, rnd):
-            if cfg.federation.fraction_evaluate > 0:
+            if cfg.federation.fraction_evaluate > 0 and not in_train:
                 msgs = strategy.configure_evaluate(rnd, arrays, eval_conf, grid)
                 replies = grid.send_and_receive(
                     msgs, timeout=cfg.federation.round_timeout
@@ -291,7 +389,10 @@ def run_federation(
             row["privacy"] = privacy.privacy_spent(
                 cfg, strategy.releases, strategy.num_sampled_clients
             ).as_dict()
-        history.append_row(hist_path, row)
+        if in_train:
+            pending = row
+        else:
+            history.append_row(hist_path, row)
         checkpoint.save_checkpoint(
             run_dir,
             rnd,
@@ -304,18 +405,25 @@ def run_federation(
             },
         )
         last = row
-        log.info(
-            "round %d/%d  site-acc %.4f  worst %.4f  global-acc %s  (%.1fs)%s",
-            rnd,
-            cfg.federation.rounds,
-            row["eval"].get("acc", float("nan")),
-            row["eval"].get("worst_site_acc", float("nan")),
-            f"{global_metrics['acc']:.4f}" if "acc" in global_metrics else "n/a",
-            row["seconds"],
-            f"  failed={len(report.failed)} rejected={len(report.rejected)}"
-            if report.failed or report.rejected
-            else "",
+        if not in_train:
+            _log_row(cfg, row)
+    if pending is not None:  # the final model: one evaluate message per site
+        msgs = strategy.configure_evaluate(
+            cfg.federation.rounds, arrays, eval_conf, grid
         )
+        replies = grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout)
+        inner = _inner(strategy)
+        inner.report = RoundReport()  # collects this evaluation only
+        pending["eval"] = dict(
+            strategy.aggregate_evaluate(cfg.federation.rounds, replies) or {}
+        )
+        for name, values in inner.report.sites.items():
+            pending["sites"].setdefault(name, {}).update(values)
+        pending["failed"] = list(pending["failed"]) + inner.report.failed
+        pending["rejected"] = list(pending["rejected"]) + inner.report.rejected
+        history.append_row(hist_path, pending)
+        _log_row(cfg, pending)
+        last = pending
     return finish(run_dir, cfg, arrays, infos, classes, channels, teacher, last)
 
 

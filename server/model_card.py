@@ -67,14 +67,7 @@ def build_card(
         },
         "shared_with_server": _shared(cfg, site_infos),
         "teacher": teacher,
-        "data": {
-            "source": cfg.data.source,
-            "partition": cfg.partition.scheme,
-            "alpha": cfg.partition.alpha,
-            "shift": cfg.partition.shift,
-            "labelled_fraction": cfg.partition.labelled_fraction,
-            "sites": site_infos,
-        },
+        "data": _data_entry(cfg, site_infos),
         "metrics": final_metrics,
         "intended_use": (
             "Research on federated knowledge distillation for medical image "
@@ -82,6 +75,24 @@ def build_card(
             "triage or any clinical decision."
         ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _data_entry(cfg: ExperimentConfig, site_infos: list[dict]) -> dict[str, Any]:
+    """The data section: real sites in a deployment, the partition in simulation."""
+    if site_infos and all(s.get("deployed") for s in site_infos):
+        return {
+            "source": "each site's own data (deployment)",
+            "partition": None,
+            "sites": site_infos,
+        }
+    return {
+        "source": cfg.data.source,
+        "partition": cfg.partition.scheme,
+        "alpha": cfg.partition.alpha,
+        "shift": cfg.partition.shift,
+        "labelled_fraction": cfg.partition.labelled_fraction,
+        "sites": site_infos,
     }
 
 
@@ -148,9 +159,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- shared with the server: {_shared_line(card.get('shared_with_server'))}",
         "",
         "## Data",
-        f"- source: `{card['data']['source']}`; partition {card['data']['partition']} "
-        f"(alpha {card['data']['alpha']}), shift {card['data']['shift']}, "
-        f"labelled fraction {card['data']['labelled_fraction']}",
+        _data_line(card["data"]),
         f"- classes: {', '.join(card['model']['classes'])}",
         "",
         "| site | train | labelled | test |",
@@ -175,6 +184,19 @@ def render_markdown(card: dict[str, Any]) -> str:
             )
     lines += ["", f"Created {card['created']}.", ""]
     return "\n".join(lines)
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    if data.get("partition") is None:
+        return (
+            f"- source: {data['source']}: {len(data['sites'])} hospitals, each "
+            "training on its own data (no partition)"
+        )
+    return (
+        f"- source: `{data['source']}`; partition {data['partition']} "
+        f"(alpha {data['alpha']}), shift {data['shift']}, "
+        f"labelled fraction {data['labelled_fraction']}"
+    )
 
 
 def _dp_line(dp: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
 # it trains on, what it trains or how (data, model, method).
 RESUME_MAY_CHANGE = (
     "run.engine",
+    "run.device",
     "train.num_threads",
     "federation.round_timeout",
     "federation.max_round_retries",

@@ -367,8 +367,7 @@ class SafeAggregation:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted means over the sites that reported each metric."""
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
+        rows: dict[str, dict[str, float]] = {}
         replies = list(replies)
         self._note_missing("evaluate", replies)
         for msg in replies:
@@ -386,22 +385,35 @@ class SafeAggregation:
                 log.warning("rejected evaluate reply of %s: no metrics", name)
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
-            n = float(metrics.get("num-examples", 1.0))
+            rows[name] = {k: float(v) for k, v in metrics.items()}
             self.report.sites.setdefault(name, {}).update(
-                {f"eval/{k}": float(v) for k, v in metrics.items()}
+                {f"eval/{k}": v for k, v in rows[name].items()}
             )
-            for k, v in metrics.items():
-                if k == "num-examples" or not math.isfinite(float(v)):
-                    continue
-                sums[k] = sums.get(k, 0.0) + n * float(v)
-                weights[k] = weights.get(k, 0.0) + n
-        if not sums:
-            return None
-        out = {k: sums[k] / weights[k] for k in sums}
-        accs = [s["eval/acc"] for s in self.report.sites.values() if "eval/acc" in s]
-        if accs:
-            out["worst_site_acc"] = float(min(accs))
-        return MetricRecord(out)
+        out = site_eval_means(rows)
+        return MetricRecord(out) if out else None
+
+
+def site_eval_means(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Example-weighted means over the sites that reported each metric.
+
+    Adds `worst_site_acc`; {} when no site reported a finite metric.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for metrics in rows.values():
+        n = float(metrics.get("num-examples", 1.0))
+        for k, v in metrics.items():
+            if k == "num-examples" or not math.isfinite(float(v)):
+                continue
+            sums[k] = sums.get(k, 0.0) + n * float(v)
+            weights[k] = weights.get(k, 0.0) + n
+    if not sums:
+        return {}
+    out = {k: sums[k] / weights[k] for k in sums}
+    accs = [r["acc"] for r in rows.values() if "acc" in r]
+    if accs:
+        out["worst_site_acc"] = float(min(accs))
+    return out
 
 
 _BASES = {

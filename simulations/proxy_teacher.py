@@ -58,8 +58,16 @@ def train_proxy(cfg: ExperimentConfig, arch: str = "resnet18", epochs: int = 15,
                       test_fraction=cfg.data.test_fraction)
     pool = public_pool(ds, cfg.partition.public_pool_fraction, cfg.train.seed)
     # The frozen-teacher wrapper gives the exact input pipeline the sites use.
-    prep = load_teacher(TeacherConfig(arch=arch, weights="random",
-                                      image_size=cfg.teacher.image_size))
+    # Only its preprocessing is used, so its RANDOM-INIT warning (meant for
+    # runs that distil from such a teacher) would mislead here: silence it.
+    teacher_log = logging.getLogger("common.models.teacher")
+    level = teacher_log.level
+    teacher_log.setLevel(logging.ERROR)
+    try:
+        prep = load_teacher(TeacherConfig(arch=arch, weights="random",
+                                          image_size=cfg.teacher.image_size))
+    finally:
+        teacher_log.setLevel(level)
     x = prep.preprocess(pool.images)
     y = torch.from_numpy(pool.labels)
     torch.manual_seed(cfg.train.seed)

@@ -7,6 +7,18 @@ added, each written atomically (tmp file, fsync, rename; the sidecar last, as
 the commit marker), so concurrent processes never see a half-written shard. A
 shard that fails any check is moved to `quarantine/` with a warning and its
 images are recomputed; it is never used.
+
+The teacher key is computed from the config alone, so a site whose features
+are all cached never builds (or even imports) the teacher backbone. It hashes:
+`arch`; the weights *kind* (`hub` | `random` | `file`) and, for `file:`, the
+sha256 of the file's bytes (not its path; memoised in
+`<root>/weights-sha256.json` by path, size and mtime); `image_size`; the view;
+the installed timm version (the backbone's code, its seeded random init and its
+pretrained config, where the normalisation mean/std come from, are functions
+of arch + timm version); and `PREPROCESS_VERSION`/`KEY_VERSION`. The teacher's
+own description (feature dim, weights source incl. `proxy`, mean/std) is kept
+in `<root>/<key>/teacher.json` when it is first built, and checked against any
+later build under the same key.
 """
 
 from __future__ import annotations
@@ -33,6 +45,10 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 # Bump when teacher preprocessing (resize, normalisation) changes meaning.
 PREPROCESS_VERSION = 1
+# Bump when the key's ingredients change (2: from the config, no backbone needed).
+KEY_VERSION = 2
+INFO_NAME = "teacher.json"
+_SHA_MEMO = "weights-sha256.json"
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -45,25 +61,73 @@ class CacheStats:
     seconds: float  # wall time of the call, teacher forward included
 
 
-def teacher_cache_key(teacher, view: int = 0) -> str:
-    """Cache key of (arch, weights source/spec/checksum, image size, view)."""
+def _timm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("timm")
+    except PackageNotFoundError:  # pragma: no cover - timm is a dependency
+        return "unknown"
+
+
+def weights_file_sha256(path: str | Path, memo_root: str | Path | None = None) -> str:
+    """sha256 of a weights file's bytes, memoised on disk by (path, size, mtime)."""
+    path = Path(path).expanduser().resolve()
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise CacheError(
+            f"teacher weights file not found: {path}; check teacher.weights=file:"
+        ) from err
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo_path = Path(memo_root).expanduser() / _SHA_MEMO if memo_root else None
+    memo: dict = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}  # a damaged memo only costs one re-hash
+        entry = memo.get(str(path)) if isinstance(memo, dict) else None
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
+            return str(entry["sha256"])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    sha = h.hexdigest()
+    if memo_path is not None:
+        memo = memo if isinstance(memo, dict) else {}
+        memo[str(path)] = dict(stamp, sha256=sha)
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(memo_path, json.dumps(memo, indent=1).encode())
+    return sha
+
+
+def teacher_cache_key(
+    teacher, view: int = 0, memo_root: str | Path | None = None
+) -> str:
+    """Cache key of a teacher config (or FrozenTeacher) and view; see module doc.
+
+    Needs no backbone: `teacher` is anything with `arch`, `image_size` and
+    `weights` (TeacherConfig) or `weights_spec` (FrozenTeacher).
+    """
+    spec = str(getattr(teacher, "weights", None) or teacher.weights_spec)
+    kind = spec.split(":", 1)[0] if spec.startswith("file:") else spec
     parts = {
+        "key_version": KEY_VERSION,
         "arch": teacher.arch,
-        "weights_source": teacher.weights_source,
-        "weights_spec": teacher.weights_spec,
-        "weights_sha256": teacher.weights_checksum(),
+        "weights": kind,
+        "weights_sha256": (
+            weights_file_sha256(spec[5:], memo_root) if kind == "file" else None
+        ),
         "image_size": int(teacher.image_size),
         "view": int(view),
-        "mean": list(teacher.mean),
-        "std": list(teacher.std),
+        "timm": _timm_version(),
         "preprocess": PREPROCESS_VERSION,
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     arch = re.sub(r"[^A-Za-z0-9._-]+", "-", teacher.arch)[:80]
-    return (
-        f"{arch}-{teacher.weights_source}-{int(teacher.image_size)}px-v{int(view)}"
-        f"-{digest[:16]}"
-    )
+    return f"{arch}-{kind}-{int(teacher.image_size)}px-v{int(view)}-{digest[:16]}"
 
 
 def _digest(feature_bytes: bytes, hashes: list[str]) -> str:
@@ -117,6 +181,30 @@ class FeatureCache:
         self._loaded: set[str] = set()
         self._blocks: list[np.ndarray] = []
         self._index: dict[str, tuple[int, int]] = {}  # hash -> (block, row)
+
+    def read_info(self) -> dict | None:
+        """The teacher description stored with these features, or None."""
+        try:
+            info = json.loads((self.dir / INFO_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def write_info(self, info: dict) -> None:
+        """Store the teacher's description; refuse one that contradicts it."""
+        old = self.read_info()
+        if old is not None:
+            keys = ("feature_dim", "mean", "std", "weights_source")
+            diff = [k for k in keys if old.get(k) != info.get(k)]
+            if diff:
+                raise CacheError(
+                    f"teacher cache {self.dir} was written by a teacher with "
+                    f"{ {k: old.get(k) for k in diff} }, this one has "
+                    f"{ {k: info.get(k) for k in diff} }; delete that folder"
+                )
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.dir / INFO_NAME, json.dumps(info, default=str).encode())
 
     def shard_names(self) -> list[str]:
         """Names (without suffix) of the committed shards on disk."""
@@ -269,4 +357,4 @@ class FeatureCache:
         return out, stats
 
 
-__all__ = ["CacheStats", "FeatureCache", "teacher_cache_key"]
+__all__ = ["CacheStats", "FeatureCache", "teacher_cache_key", "weights_file_sha256"]

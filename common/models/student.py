@@ -1,24 +1,42 @@
 """Student factory: any timm model, plus this project's small CNNs in timm's registry.
 
-The `fedkd_cnn_*` models are plain conv-BN-ReLU stacks that train from scratch in
-minutes on CPU at 64 px. They are registered with timm so that one factory
-(`timm.create_model`) builds every student and so they expose timm's interface
-(`forward_features`, `forward_head`, `num_features`, `reset_classifier`).
+The `fedkd_cnn_*` models (`common.models.cnn`) are built directly, without
+importing timm: timm pulls in torchvision (about 2.5 s), which every Flower
+message would pay. They are registered with timm as soon as timm is loaded
+(here, or by anyone before this module), so `timm.create_model("fedkd_cnn_small")`
+still works and builds the same network.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import sys
 
-import timm
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from common.errors import ModelError
+from common.models.cnn import VARIANTS, FedKDCNN, _cfg, build_cnn
 
 log = logging.getLogger(__name__)
+
+_REGISTERED = False
+
+
+def _timm():
+    """timm, imported on first use, with the project's CNNs registered."""
+    import timm
+    from timm.models import generate_default_cfgs, register_model
+
+    global _REGISTERED, default_cfgs
+    if not _REGISTERED:
+        # register_model reads this module's `default_cfgs` for the cfgs
+        default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
+        register_model(fedkd_cnn_small)
+        register_model(fedkd_cnn_tiny)
+        _REGISTERED = True
+    return timm
 
 
 def close_model_names(name: str, n: int = 5) -> list[str]:
@@ -26,6 +44,7 @@ def close_model_names(name: str, n: int = 5) -> list[str]:
     base = name.split(".", 1)[0]
     # Substring matches on each '_'-separated part catch family names ("dinov2").
     parts = [p for p in base.split("_") if len(p) >= 3]
+    timm = _timm()
     pool = set(timm.list_models()) | set(timm.list_models(pretrained=True))
     close = difflib.get_close_matches(name, sorted(pool), n=n, cutoff=0.6)
     for part in parts:
@@ -39,7 +58,9 @@ def close_model_names(name: str, n: int = 5) -> list[str]:
 
 def check_arch(name: str, key: str) -> None:
     """Raise ModelError naming config `key` when timm has no model called `name`."""
-    if isinstance(name, str) and name and timm.is_model(name):
+    if name in VARIANTS:
+        return
+    if isinstance(name, str) and name and _timm().is_model(name):
         return
     close = close_model_names(str(name))
     hint = ", ".join(close) if close else "see timm.list_models()"
@@ -53,145 +74,33 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     )
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    # GroupNorm by default: it keeps no running statistics, so averaging
-    # weights across sites with different label and scanner mixes does not
-    # average incompatible batch statistics (the FedAvg+BatchNorm failure mode).
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    raise ModelError(f"fedkd_cnn norm={kind!r}; use 'group' or 'batch'")
-
-
-class FedKDCNN(nn.Module):
-    """Conv-norm-ReLU stages, stride-2 downsampling, global average pool."""
-
-    def __init__(
-        self,
-        num_classes: int = 2,
-        in_chans: int = 3,
-        channels: tuple[int, ...] = (32, 64, 128, 256),
-        strides: tuple[int, ...] = (1, 2, 2, 2),
-        drop_rate: float = 0.0,
-        global_pool: str = "avg",
-        norm: str = "group",
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        if kwargs:
-            log.debug("FedKDCNN ignores kwargs %s", sorted(kwargs))
-        if global_pool not in ("avg", ""):
-            raise ModelError(f"fedkd_cnn global_pool={global_pool!r}; use 'avg'")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.global_pool = global_pool
-        layers: list[nn.Module] = []
-        self.feature_info = []
-        cin, reduction = in_chans, 1
-        for i, (cout, stride) in enumerate(zip(channels, strides, strict=True)):
-            reduction *= stride
-            layers.append(
-                nn.Sequential(
-                    nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                    _norm(norm, cout),
-                    nn.ReLU(inplace=True),
-                )
-            )
-            self.feature_info.append(
-                dict(num_chs=cout, reduction=reduction, module=f"stages.{i}")
-            )
-            cin = cout
-        self.stages = nn.Sequential(*layers)
-        self.num_features = self.head_hidden_size = cin
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (timm interface)."""
-        return self.fc
-
-    def reset_classifier(
-        self, num_classes: int, global_pool: str | None = None
-    ) -> None:
-        """Replace the classifier for `num_classes` outputs (timm interface)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.fc = (
-            nn.Linear(self.num_features, num_classes)
-            if num_classes > 0
-            else nn.Identity()
-        )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled feature map (N, num_features, h, w)."""
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, dropout and classify; `pre_logits` returns the pooled features."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes)."""
-        return self.forward_head(self.forward_features(x))
-
-
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 2,
-        "input_size": (3, 64, 64),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "stages.0.0",
-        "classifier": "fc",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "fedkd_cnn_small": _cfg(),
-        "fedkd_cnn_tiny": _cfg(),
-    }
-)
-
-
 def _create(variant: str, pretrained: bool, **kwargs) -> FedKDCNN:
+    from timm.models import build_model_with_cfg
+
     return build_model_with_cfg(FedKDCNN, variant, pretrained, **kwargs)
 
 
-@register_model
 def fedkd_cnn_small(pretrained: bool = False, **kwargs) -> FedKDCNN:
     """4-stage CNN, channels 32-64-128-256 (~0.39M params)."""
-    args = dict(channels=(32, 64, 128, 256), strides=(1, 2, 2, 2))
-    return _create("fedkd_cnn_small", pretrained, **dict(args, **kwargs))
+    args = dict(VARIANTS["fedkd_cnn_small"], **kwargs)
+    return _create("fedkd_cnn_small", pretrained, **args)
 
 
-@register_model
 def fedkd_cnn_tiny(pretrained: bool = False, **kwargs) -> FedKDCNN:
     """4-stage CNN, channels 16-32-64-96 (~80k params)."""
-    args = dict(channels=(16, 32, 64, 96), strides=(1, 2, 2, 2))
-    return _create("fedkd_cnn_tiny", pretrained, **dict(args, **kwargs))
+    args = dict(VARIANTS["fedkd_cnn_tiny"], **kwargs)
+    return _create("fedkd_cnn_tiny", pretrained, **args)
 
 
 def create_student(arch: str, num_classes: int, in_chans: int) -> nn.Module:
     """Build a randomly initialised student `arch` (timm name or fedkd_cnn_*)."""
+    if arch in VARIANTS:  # no timm import: the network timm would build
+        model = build_cnn(arch, num_classes, in_chans)
+        log.debug("student %s: %d params", arch, count_params(model))
+        return model
     check_arch(arch, "student.arch")
     try:
-        model = timm.create_model(
+        model = _timm().create_model(
             arch, pretrained=False, num_classes=num_classes, in_chans=in_chans
         )
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
@@ -214,6 +123,9 @@ def student_features(
         return pre, model.forward_head(model.forward_features(x))
     return pre, get_classifier()(pre)
 
+
+if "timm" in sys.modules:  # timm already loaded: make the CNNs visible to it now
+    _timm()
 
 __all__ = [
     "FedKDCNN",

@@ -11,10 +11,8 @@ import logging
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
-from timm.data import resolve_data_config
 from torch import nn
 
 from common.config import TeacherConfig
@@ -72,6 +70,8 @@ class FrozenTeacher(nn.Module):
         self.meta = dict(meta or {})
         self.feature_dim = int(model.num_features)
         self.patch_size = patch_size_of(model)
+        from timm.data import resolve_data_config  # timm only once a model exists
+
         data_cfg = resolve_data_config({}, model=model)
         self.mean = tuple(float(v) for v in data_cfg["mean"])
         self.std = tuple(float(v) for v in data_cfg["std"])
@@ -170,9 +170,11 @@ class FrozenTeacher(nn.Module):
 def _create(
     arch: str, image_size: int, pretrained: bool, with_img_size: bool, kwargs: dict
 ) -> nn.Module:
+    from common.models.student import _timm  # timm only when a teacher is built
+
     if with_img_size:
         kwargs = dict(kwargs, img_size=image_size)
-    return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    return _timm().create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
 
 
 def _build(arch: str, image_size: int, kwargs: dict) -> tuple[nn.Module, bool]:

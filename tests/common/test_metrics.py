@@ -50,3 +50,31 @@ def test_auc_undefined_on_one_class():
     probs = np.full((5, 2), 0.5)
     assert math.isnan(auc(y, probs))
     assert summarize(y, probs, 0.3)["num-examples"] == 5.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_own_roc_auc_matches_sklearn_with_ties(seed):
+    from sklearn.metrics import roc_auc_score as sk_auc
+
+    from common.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 200)
+    labels[:2] = [0, 1]
+    scores = rng.integers(0, 7, 200) / 7.0  # many ties
+
+    assert roc_auc_score(labels, scores) == pytest.approx(
+        sk_auc(labels, scores), abs=1e-12
+    )
+
+
+def test_metrics_module_does_not_import_sklearn():
+    import subprocess
+    import sys
+
+    code = "import common.metrics, sys; print('sklearn' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert out.stdout.strip() == "False"

@@ -166,6 +166,7 @@ def test_class_counts_leave_the_site_only_when_configured(share):
         train=SimpleNamespace(n=10, labelled=np.ones(10, bool)),
         test_y=torch.zeros(4),
         teacher_info={},
+        deployed=False,
     )
     info = site_info(cfg, site)
     assert ("class-counts" in info) is share

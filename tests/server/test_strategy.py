@@ -210,3 +210,53 @@ def test_evaluate_reply_without_metrics_is_rejected_not_raised():
     assert out["worst_site_acc"] == pytest.approx(0.5)
     assert any(r.startswith("empty (evaluate): malformed") for r in
                strat.report.rejected)
+
+
+def _opt_strategy(name: str, lr: float, momentum: float):
+    cfg = load_config(None, ["partition.sites=4", f"federation.strategy={name}",
+                             f"federation.server_lr={lr}",
+                             f"federation.server_momentum={momentum}",
+                             "federation.norm_outlier_factor=0"])
+    return build_strategy(cfg, 4)
+
+
+def _round(strat, rnd: int, current: np.ndarray, replies: list[np.ndarray]):
+    """configure + aggregate one round with equal-weight replies around `current`."""
+    arrays = pack({"student.w": current})
+    strat._reference = arrays
+    strat._track_server_model(arrays)
+    agg, _ = strat.aggregate_train(
+        rnd, [_reply({"student.w": w}, 10, f"s{i}") for i, w in enumerate(replies)])
+    return agg["student.w"].numpy()
+
+
+def test_fedavgm_step_matches_hand_computed_update():
+    strat = _opt_strategy("fedavgm", 0.5, 0.9)
+    x0 = np.array([1.0, -2.0], np.float32)
+    # round 1: mean reply 0.6,-1.6 -> pseudo-gradient g1 = x0 - mean = (0.4, -0.4)
+    x1 = _round(strat, 1, x0, [np.array([0.5, -1.5], np.float32),
+                               np.array([0.7, -1.7], np.float32)])
+    g1 = np.array([0.4, -0.4])
+    np.testing.assert_allclose(x1, x0 - 0.5 * g1, rtol=1e-6)
+    # round 2: momentum v2 = 0.9 * g1 + g2
+    x2 = _round(strat, 2, x1, [x1 - 0.1, x1 - 0.3])
+    g2 = np.array([0.2, 0.2])
+    np.testing.assert_allclose(x2, x1 - 0.5 * (0.9 * g1 + g2), rtol=1e-5)
+    # its state is what a checkpoint stores, and restoring it continues alike
+    state = strat.optimizer_state()
+    fresh = _opt_strategy("fedavgm", 0.5, 0.9)
+    fresh.load_optimizer_state(state)
+    a = _round(strat, 3, x2, [x2 + 0.2])
+    b = _round(fresh, 3, x2, [x2 + 0.2])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_fedadam_step_matches_hand_computed_update():
+    strat = _opt_strategy("fedadam", 0.1, 0.9)
+    x0 = np.array([1.0, -1.0], np.float32)
+    x1 = _round(strat, 1, x0, [np.array([1.5, -1.2], np.float32)])
+    delta = np.array([0.5, -0.2])
+    m = 0.1 * delta
+    v = 0.01 * delta**2
+    eta = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # Flower's bias correction
+    np.testing.assert_allclose(x1, x0 + eta * m / (np.sqrt(v) + 1e-3), rtol=1e-5)

@@ -1,0 +1,298 @@
+"""Deployment at simulation speed: a message's fixed cost, a round vs a simulated one.
+
+    python -m benchmarks.deploy [--quick]
+
+On loopback, a SuperLink and 2 SuperNodes with TLS and SuperNode auth
+(`tests/deploy/harness.py`, `deploy/launch.py`), each SuperNode on one half of
+the shared pneumonia file; the deployment preset (`simulations/configs/
+deploy.yaml`) with a random ViT-S/14 teacher at 56 px (`--quick`: a tiny ViT at
+32 px and a tiny student).
+
+- `deploy_message_fixed_s`: a throwaway ServerApp (our ClientApp unchanged)
+  first sends the handshake, which fills each site's teacher cache, then sends
+  one evaluate-only message to both sites at a time; the median round trip of
+  these messages on a warm disk cache is the fixed cost of one message
+  (process start, imports, site assembly from the caches, Flower's polling).
+- `deploy_round_vs_sim_ratio`: the median steady round (`seconds` of the
+  history rows after the first) of a deployed run, against the in-process
+  simulated run of the same preset on the same file split into 2 IID sites,
+  measured one after the other in this call.
+
+Load (`os.getloadavg`) is recorded beside each figure: compare numbers taken
+on an idle machine only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._util import SHARED_NPZ, merge, parser, table
+
+PRESET = "simulations/configs/deploy.yaml"
+SITES = ["hospital-a", "hospital-b"]
+
+BENCH_SERVER = '''\
+"""Benchmark ServerApp: handshake, then evaluate-only messages, timed."""
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common.serialization import pack
+from server.federation import handshake, initial_arrays
+from server.run_folder import config_from_run_config
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(dict(context.run_config))
+    count = int(context.run_config.get("messages", 3))
+    t0 = time.perf_counter()
+    infos = handshake(grid, cfg, 2)
+    first = time.perf_counter() - t0
+    dim = max(int(i.get("teacher-feature-dim", 0)) for i in infos)
+    n_cls = len(infos[0]["classes"])
+    arrays = pack(initial_arrays(cfg, n_cls, int(infos[0]["channels"]), dim))
+    nodes = sorted(grid.get_node_ids())
+    times = []
+    for _ in range(count):
+        msgs = [
+            Message(
+                content=RecordDict({
+                    "arrays": arrays,
+                    "config": ConfigRecord(
+                        {"experiment": cfg.to_yaml(), "num-classes": n_cls}
+                    ),
+                }),
+                dst_node_id=node,
+                message_type=MessageType.EVALUATE,
+            )
+            for node in nodes
+        ]
+        t = time.perf_counter()
+        replies = list(grid.send_and_receive(msgs, timeout=600))
+        times.append(time.perf_counter() - t)
+        assert not any(r.has_error() for r in replies), [
+            r.error.reason for r in replies if r.has_error()
+        ]
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "messages.json").write_text(
+        json.dumps({"handshake_s": first, "evaluate_s": times})
+    )
+'''
+
+
+def _overrides(quick: bool) -> list[str]:
+    """The preset's settings for this benchmark (both modes use the same)."""
+    common = [
+        "teacher.weights=random",
+        "data.image_size=28",
+        "federation.round_timeout=900",
+        "run.device=cpu",
+    ]
+    if quick:
+        return [
+            *common,
+            "teacher.arch=vit_tiny_patch16_224",
+            "teacher.image_size=32",
+            "student.arch=fedkd_cnn_tiny",
+        ]
+    return [*common, "teacher.arch=vit_small_patch14_dinov2", "teacher.image_size=56"]
+
+
+def _bench_app(root: Path, h) -> Path:
+    """The real app with the benchmark ServerApp as its server component."""
+    app = h.copy_real_app(root)
+    (app / "fedkd_bench.py").write_text(BENCH_SERVER)
+    py = app / "pyproject.toml"
+    text = py.read_text().replace(
+        'serverapp = "server.app:app"', 'serverapp = "fedkd_bench:app"'
+    )
+    # Flower only takes --run-config keys the app declares
+    py.write_text(text.replace('overrides = ""', 'overrides = ""\nmessages = 3', 1))
+    return app
+
+
+def _deployed(
+    work: Path, npz: Path, over: list[str], rounds: int, messages: int
+) -> dict:
+    """Start the loopback federation; time evaluate messages, then a real run."""
+    from tests.deploy import harness as h
+
+    root = work / "deploy"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    procs = h.Procs()
+    try:
+        h.write_npz_halves(npz, root / "hospital-a.npz", root / "hospital-b.npz")
+        fed = h.start_federation(root, procs, SITES)
+        for site in SITES:
+            fed.register(site)
+        for site in SITES:
+            fed.start_supernode(site, f"npz:{root / (site + '.npz')}")
+        fed.wait_online(2, timeout=120)
+        _say(f"federation up: SuperLink + 2 SuperNodes, TLS + auth ({root})")
+        # 1. evaluate-only messages on a warm cache (the handshake warms it)
+        out_msg = root / "messages"
+        sets = ";".join([*over, f"run.out_dir={out_msg}"])
+        app = _bench_app(root / "bench", h)
+        run_id = fed.run(
+            app, f'config-file="{PRESET}" overrides="{sets}" messages={messages}'
+        )
+        status = fed.wait_run(run_id, 1800)
+        if status["status"] != "finished:completed":
+            raise RuntimeError(f"benchmark run ended {status}\n{h.dump_logs(procs)}")
+        msg = json.loads((out_msg / "messages.json").read_text())
+        load_msg = os.getloadavg()[0]
+        _say(
+            f"handshake {msg['handshake_s']:.1f}s (fills the caches); evaluate "
+            f"messages {[round(x, 2) for x in msg['evaluate_s']]} s"
+        )
+        # 2. a deployed run of the preset (the caches are warm by now)
+        out_run = root / "run"
+        sets = ";".join(
+            [*over, f"federation.rounds={rounds}", f"run.out_dir={out_run}"]
+        )
+        t = time.perf_counter()
+        run_id = fed.run(
+            h.copy_real_app(root / "real"), f'config-file="{PRESET}" overrides="{sets}"'
+        )
+        status = fed.wait_run(run_id, 3600)
+        wall = time.perf_counter() - t
+        if status["status"] != "finished:completed":
+            raise RuntimeError(f"deployed run ended {status}\n{h.dump_logs(procs)}")
+        rows = _rows(out_run)
+        _say(f"deployed rounds {[round(r['seconds'], 1) for r in rows]} s")
+        return {
+            "evaluate_s": msg["evaluate_s"],
+            "handshake_s": msg["handshake_s"],
+            "load_messages": round(load_msg, 2),
+            "round_s": [r["seconds"] for r in rows],
+            "wall_s": wall,
+            "load_rounds": round(os.getloadavg()[0], 2),
+        }
+    finally:
+        procs.stop_all()
+
+
+def _say(text: str) -> None:
+    print(f"[deploy bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    from server import history
+
+    return history.read_rows(run_dir / "history.jsonl")
+
+
+def _simulated(work: Path, npz: Path, over: list[str], rounds: int) -> dict:
+    """The same preset in the in-process engine, 2 IID sites of the same file."""
+    from simulations.run import main as run_main
+
+    out = work / "sim"
+    shutil.rmtree(out, ignore_errors=True)
+    sets = [
+        *over,
+        f"data.source=npz:{npz}",
+        f"data.cache_dir={work / 'sim-data'}",
+        f"teacher.cache_dir={work / 'sim-teacher'}",
+        "partition.sites=2",
+        "partition.scheme=iid",
+        "run.engine=inprocess",
+        f"federation.rounds={rounds}",
+        f"run.out_dir={out}",
+    ]
+    args = ["--config", PRESET] + [x for s in sets for x in ("--set", s)]
+    t = time.perf_counter()
+    assert run_main(args) == 0
+    return {
+        "round_s": [r["seconds"] for r in _rows(out)],
+        "wall_s": time.perf_counter() - t,
+        "load_rounds": round(os.getloadavg()[0], 2),
+    }
+
+
+def run(quick: bool, out: Path, work: Path) -> dict:
+    """Measure; merge deploy_message_fixed_s and deploy_round_vs_sim_ratio."""
+    if not SHARED_NPZ.is_file():
+        raise SystemExit(f"benchmarks.deploy needs {SHARED_NPZ}; it is absent")
+    work = Path(work).resolve() / "deploy-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    over = _overrides(quick)
+    rounds, messages = (3, 2) if quick else (4, 5)
+    npz = SHARED_NPZ
+    if quick:  # 240 train / 60 test images: both halves train in seconds
+        from tests.helpers import small_npz
+
+        npz = small_npz(SHARED_NPZ, work / "small.npz")
+    load_start = round(os.getloadavg()[0], 2)
+    dep = _deployed(work, npz, over, rounds, messages)
+    _say("in-process simulation of the same preset ...")
+    sim = _simulated(work, npz, over, rounds)
+    steady = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs)  # noqa: E731
+    fixed = round(statistics.median(dep["evaluate_s"]), 2)
+    ratio = round(steady(dep["round_s"]) / steady(sim["round_s"]), 2)
+    detail = {
+        "settings": ("quick: " if quick else "") + "; ".join(over),
+        "data": str(npz),
+        "preset": PRESET,
+        "rounds": rounds,
+        "load_start": load_start,
+        "deployed": dep,
+        "simulated": sim,
+        "note": "2 SuperNodes on loopback, TLS + node auth, subprocess isolation; "
+        "fixed cost = median round trip of an evaluate-only message to both sites "
+        "on a warm cache; ratio = median steady round, deployed / in-process",
+    }
+    keys = {"deploy_message_fixed_s": fixed, "deploy_round_vs_sim_ratio": ratio}
+    if not quick:
+        merge(out, "deploy", keys, detail)
+    print(
+        table(
+            [
+                ("deploy_message_fixed_s", f"{fixed} (load {dep['load_messages']})"),
+                (
+                    "deployed steady round s",
+                    f"{steady(dep['round_s']):.1f} (load {dep['load_rounds']})",
+                ),
+                (
+                    "simulated steady round s",
+                    f"{steady(sim['round_s']):.1f} (load {sim['load_rounds']})",
+                ),
+                ("deploy_round_vs_sim_ratio", ratio),
+            ]
+        )
+    )
+    return {**keys, "detail": detail}
+
+
+def main() -> None:
+    """Command-line entry: run, print, record (not with --quick)."""
+    args = parser(__doc__).parse_args()
+    # SIGTERM (e.g. `timeout`) must still stop the SuperLink and SuperNodes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = None
+    if args.quick:
+        tmp = Path(tempfile.mkdtemp(prefix="fedkd-deploy-bench-"))
+    try:
+        run(args.quick, args.out, tmp or args.work)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A Flower message is a fresh process: with a warm cache it must stay cheap.
+
+With every teacher feature cached the handlers never build the backbone, and a
+train reply can carry the site's evaluation of the model it received.
+"""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+import common.models.teacher as teacher_mod
+from client import site as site_lib
+from client.app import app
+from common.serialization import EVAL_RECEIVED, EVAL_RECORD, pack
+from server.federation import initial_arrays
+from tests.helpers import small_npz, tiny_config
+
+
+def _ctx() -> Context:
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def _send(kind: str, conf: ConfigRecord, ctx: Context, arrays=None) -> Message:
+    content = RecordDict({"config": conf})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return app(Message(content=content, dst_node_id=1, message_type=kind), ctx)
+
+
+def _fresh_process(monkeypatch) -> None:
+    """Forget what this process built, as a new ClientApp process would."""
+    site_lib._SITES.clear()
+    site_lib._teacher.cache_clear()
+    monkeypatch.setattr(site_lib, "_SITES", {})
+
+
+@pytest.fixture
+def warm(pneumonia_npz, tmp_path, monkeypatch):
+    """(config record, arrays) after one query filled the teacher cache."""
+    npz = small_npz(pneumonia_npz, tmp_path / "small.npz", n_train=60, n_test=20)
+    cfg = tiny_config(npz, tmp_path, "teacher.head=federated")
+    conf = ConfigRecord(
+        {"experiment": cfg.to_yaml(), "num-classes": 2, "server-round": 1}
+    )
+    first = _send(MessageType.QUERY, conf, _ctx())
+    _fresh_process(monkeypatch)
+    return conf, pack(initial_arrays(cfg, 2, 1, 0)), dict(first.content["site"])
+
+
+def test_handlers_with_a_full_cache_never_build_the_teacher(warm, monkeypatch):
+    conf, arrays, first_info = warm
+
+    def refuse(*_a, **_k):
+        raise AssertionError("teacher backbone built although every feature is cached")
+
+    monkeypatch.setattr(teacher_mod.FrozenTeacher, "__init__", refuse)
+    monkeypatch.setattr(site_lib, "load_teacher", refuse)
+
+    info = dict(_send(MessageType.QUERY, conf, _ctx()).content["site"])
+    _fresh_process(monkeypatch)
+    trained = _send(MessageType.TRAIN, conf, _ctx(), arrays)
+    _fresh_process(monkeypatch)
+    ev = _send(MessageType.EVALUATE, conf, _ctx(), trained.content["arrays"])
+
+    # the description comes from the cache's teacher.json, as if built
+    assert info["teacher-feature-dim"] == first_info["teacher-feature-dim"] > 0
+    assert info["teacher-weights"] == "random"
+    assert "teacher_acc" in ev.content["metrics"]
+
+
+def test_train_reply_carries_the_received_models_evaluation(warm):
+    conf, arrays, _ = warm
+    conf_eval = ConfigRecord(dict(conf, **{EVAL_RECEIVED: True}))
+
+    plain = _send(MessageType.TRAIN, conf, _ctx(), arrays)
+    both = _send(MessageType.TRAIN, conf_eval, _ctx(), arrays)
+    alone = _send(MessageType.EVALUATE, conf, _ctx(), arrays)
+
+    assert EVAL_RECORD not in plain.content.config_records
+    assert dict(both.content[EVAL_RECORD]) == pytest.approx(
+        dict(alone.content["metrics"])
+    )
+    # evaluating first leaves the update exactly as without it
+    for k in plain.content["arrays"].keys():
+        np.testing.assert_array_equal(
+            plain.content["arrays"][k].numpy(), both.content["arrays"][k].numpy()
+        )
