@@ -311,6 +311,7 @@ class SafeAggregation:
             self.site_models = {_site_name(m): m.content["arrays"] for m in good}
         if not good:
             return None, None
+        self._align_server_model(good)
         arrays, metrics = super().aggregate_train(server_round, good)
         if arrays is not None and getattr(self, "dp_denominator", 0):
             # DP: uniform weights, fixed denominator (what server.privacy accounts)
@@ -330,6 +331,38 @@ class SafeAggregation:
             self.current_arrays = arrays
         elif isinstance(self, (FedAdam, FedYogi)):
             self.current_arrays = {k: arrays[k].numpy() for k in arrays.keys()}
+
+    def _align_server_model(self, replies: list[Message]) -> None:
+        """Give the server optimiser's model exactly the replies' keys, in order.
+
+        Flower's FedAvgM pairs arrays by position and FedOpt by key set, so an
+        array the sites add (the federated head in round 1) would misalign
+        them. A new key starts from the replies' weighted mean: a zero step.
+        """
+        if not isinstance(self, (FedAvgM, FedAdam, FedYogi)) or not replies:
+            return
+        current = self.current_arrays
+        if current is None:
+            return
+        keys = list(replies[0].content["arrays"].keys())
+        if list(current.keys()) == keys:
+            return
+        weights = np.array(
+            [float(m.content["metrics"].get("num-examples", 1.0)) for m in replies]
+        )
+
+        def start(k: str) -> np.ndarray:
+            if k in current.keys():
+                v = current[k]
+                return v.numpy() if isinstance(v, Array) else np.asarray(v)
+            stack = np.stack([m.content["arrays"][k].numpy() for m in replies])
+            return np.average(stack, axis=0, weights=weights).astype(stack.dtype)
+
+        aligned = {k: start(k) for k in keys}
+        if isinstance(self, FedAvgM):
+            self.current_arrays = ArrayRecord({k: Array(v) for k, v in aligned.items()})
+        else:
+            self.current_arrays = aligned
 
     def optimizer_state(self) -> dict[str, list[np.ndarray] | dict | None]:
         """The server optimiser's moments, saved with each checkpoint for resume."""

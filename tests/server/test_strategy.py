@@ -260,3 +260,22 @@ def test_fedadam_step_matches_hand_computed_update():
     v = 0.01 * delta**2
     eta = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # Flower's bias correction
     np.testing.assert_allclose(x1, x0 + eta * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_server_optimiser_accepts_an_array_the_sites_add(name):
+    """Round 1 of a federated head: replies carry head arrays the server lacked."""
+    strat = _opt_strategy(name, 0.5, 0.9)
+    arrays = pack({"student.w": np.zeros(2, np.float32)})
+    strat._reference = arrays
+    strat._track_server_model(arrays)
+    replies = [
+        _reply({"student.w": np.full(2, v, np.float32),
+                "head.weight": np.full((2, 3), v, np.float32)}, 10, f"s{i}")
+        for i, v in enumerate((1.0, 3.0))
+    ]
+    agg, _ = strat.aggregate_train(1, replies)
+    assert set(agg.keys()) == {"student.w", "head.weight"}
+    # the new array starts at the replies' mean and takes no server step
+    np.testing.assert_allclose(agg["head.weight"].numpy(), 2.0, rtol=1e-6)
+    assert agg["student.w"].numpy().shape == (2,)
