@@ -153,6 +153,11 @@ def verdict(records: list[dict], sv: Any = None, ref: str = "fedavg",
         d = paired_diff(records, m, ref, metric, sv)
         if d["n"] == 0:
             continue
+        if d["n"] == 1:
+            lines.append(f"- {m} − {ref} on {metric.replace('_', ' ')}: "
+                         f"{d['mean'] * 100:+.1f} points on one seed (no interval "
+                         "and no verdict from fewer than 2 seeds).")
+            continue
         lines.append(
             f"- **{m} {interval_word(d)} {ref}** on {metric.replace('_', ' ')}: "
             f"{d['mean'] * 100:+.1f} points, 95 % CI [{d['lo'] * 100:+.1f}, "
@@ -162,6 +167,13 @@ def verdict(records: list[dict], sv: Any = None, ref: str = "fedavg",
 
 
 def _teacher_line(records: list[dict]) -> str:
+    specs = {str(r["teacher"].get("weights_spec")) for r in records
+             if r["teacher"].get("weights_source") == "proxy"}
+    if len(specs) > 1:
+        return (f"Teacher: a **PROXY** per seed ({len(specs)} proxy files): each a "
+                "resnet18 trained only on that seed's public pool, which no site "
+                "received (not DINOv2). Methods that name their own teacher say so "
+                "in their overrides.")
     for r in records:
         t = r["teacher"]
         if t.get("arch"):
@@ -191,6 +203,12 @@ def _plots(records: list[dict], out: Path, sv: Any) -> list[str]:
                 label=m + (" (mean of the sites' own models)" if m == "local" else ""))
     ax.set_xlabel("round")
     ax.set_ylabel("global-test ACC (seed mean)")
+    src = next((str(r["teacher"].get("weights_source", "")) for r in recs
+                if r["teacher"].get("arch")), "")
+    if src:
+        note = {"proxy": "PROXY teacher (not DINOv2)",
+                "random": "RANDOM-INIT teacher"}.get(src, f"teacher {src}")
+        ax.set_title(f"global-test ACC per round; KD runs: {note}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -350,7 +368,11 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
         "when below, otherwise *no detectable difference*.", "",
     ]
     if missing:
-        lines += [f"**{missing} runs had not finished and are left out.**", ""]
+        done = {r["method"] for r in records}
+        absent = sorted({d["method"] for d in descs} - done)
+        lines += [f"**{missing} runs had not finished and are left out**"
+                  + (f" (no finished run of: {', '.join(absent)})" if absent else "")
+                  + ".", ""]
     for sv in values:
         if axis:
             lines += [f"## {axis} = {sv}", ""]
