@@ -61,6 +61,29 @@ def merge(out: Path, name: str, keys: dict[str, Any], detail: dict[str, Any]) ->
     out.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
+def timed_run(
+    sets: list[str], out: Path, config: str | None = None
+) -> tuple[float, list[float]]:
+    """Run `simulations.run` into `out` (emptied first) with `--set` items.
+
+    Returns (wall seconds of the whole run, seconds of each round from its
+    history), the pair the overhead and deploy benchmarks compare.
+    """
+    import shutil
+    import time
+
+    from server import history
+    from simulations.run import main as run_main
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = [] if config is None else ["--config", config]
+    args += [x for s in [*sets, f"run.out_dir={out}"] for x in ("--set", s)]
+    t = time.perf_counter()
+    assert run_main(args) == 0
+    wall = time.perf_counter() - t
+    return wall, [r["seconds"] for r in history.read_rows(out / "history.jsonl")]
+
+
 def table(rows: list[tuple[str, Any]]) -> str:
     """A two-column text table."""
     width = max(len(k) for k, _ in rows)

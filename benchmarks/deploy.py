@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._util import SHARED_NPZ, merge, parser, table
+from benchmarks._util import SHARED_NPZ, merge, parser, table, timed_run
 
 PRESET = "simulations/configs/deploy.yaml"
 SITES = ["hospital-a", "hospital-b"]
@@ -200,10 +200,6 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def _simulated(work: Path, npz: Path, over: list[str], rounds: int) -> dict:
     """The same preset in the in-process engine, 2 IID sites of the same file."""
-    from simulations.run import main as run_main
-
-    out = work / "sim"
-    shutil.rmtree(out, ignore_errors=True)
     sets = [
         *over,
         f"data.source=npz:{npz}",
@@ -213,14 +209,11 @@ def _simulated(work: Path, npz: Path, over: list[str], rounds: int) -> dict:
         "partition.scheme=iid",
         "run.engine=inprocess",
         f"federation.rounds={rounds}",
-        f"run.out_dir={out}",
     ]
-    args = ["--config", PRESET] + [x for s in sets for x in ("--set", s)]
-    t = time.perf_counter()
-    assert run_main(args) == 0
+    wall, rounds_s = timed_run(sets, work / "sim", config=PRESET)
     return {
-        "round_s": [r["seconds"] for r in _rows(out)],
-        "wall_s": time.perf_counter() - t,
+        "round_s": rounds_s,
+        "wall_s": wall,
         "load_rounds": round(os.getloadavg()[0], 2),
     }
 

@@ -15,36 +15,22 @@ run and each engine is compared with the mean of the two (steady medians).
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import time
 
 import torch
 
-from benchmarks._util import merge, parser, quick_overrides, table
+from benchmarks._util import merge, parser, quick_overrides, table, timed_run
 from client import site as site_lib
 from common.config import load_config
 from common.models.student import create_student
 from common.train import evaluate, train_local
-from server import history
-from simulations.run import main as run_main
 
 
 def _engine(engine: str, over: list[str], work, rounds: int) -> tuple[float, list]:
-    out = work / f"overhead-{engine}"
-    shutil.rmtree(out, ignore_errors=True)
-    args = [
-        *over,
-        f"run.engine={engine}",
-        f"federation.rounds={rounds}",
-        f"run.out_dir={out}",
-        "run.global_eval=false",
-    ]
-    t = time.perf_counter()
-    assert run_main([x for a in args for x in ("--set", a)]) == 0
-    wall = time.perf_counter() - t
-    rows = history.read_rows(out / "history.jsonl")
-    return wall, [r["seconds"] for r in rows]
+    sets = [*over, f"run.engine={engine}", f"federation.rounds={rounds}",
+            "run.global_eval=false"]
+    return timed_run(sets, work / f"overhead-{engine}")
 
 
 def _plain(over: list[str], rounds: int, threads: int) -> list[float]:

@@ -24,7 +24,7 @@ from common.data.sites import SiteData, build_sites, load_site
 from common.data.sources import load_dataset
 from common.data.views import apply_view, decode_size, to_student_tensor
 from common.device import setup_device
-from common.distill.cache import FeatureCache, teacher_cache_key
+from common.distill.features import cached_features
 from common.distill.gate import gate_weight
 from common.errors import DataError
 from common.metrics import balanced_accuracy
@@ -160,33 +160,12 @@ def teacher_features(
 ) -> tuple[np.ndarray, dict]:
     """Cached teacher features (V, N, D) for `views` fixed views of `images`.
 
-    The teacher is built only when some image is not cached yet: the cache key
-    comes from the config (common/distill/cache.py), and the teacher's
-    description from the cache's `teacher.json`.
+    The teacher is built (memoised per process) only when some image is not
+    cached yet; see common/distill/features.py.
     """
-    root = Path(cache_root).expanduser()
-    built: list[FrozenTeacher] = []
-
-    def compute(imgs: np.ndarray) -> np.ndarray:
-        if not built:
-            built.append(teacher_for(cfg))
-        return built[0].features(imgs, batch_size=cfg.teacher.batch_size)
-
-    out, hits, misses, described = [], 0, 0, None
-    for v in range(views):
-        cache = FeatureCache(root, teacher_cache_key(cfg.teacher, v, memo_root=root))
-        feats, stats = cache.get_or_compute(apply_view(images, v), compute)
-        out.append(feats)
-        hits, misses = hits + stats.hits, misses + stats.misses
-        described = cache.read_info()
-        if described is None or built:  # first build, or check it matches
-            if not built:  # cached rows without a description (crash, old run)
-                built.append(teacher_for(cfg))
-            cache.write_info(built[0].describe())
-            described = cache.read_info()
-    info = dict(described or {}, cache_hits=hits, cache_misses=misses)
-    info["teacher_built"] = bool(built)
-    return np.stack(out), info
+    return cached_features(
+        cfg.teacher, images, views, cache_root, lambda: teacher_for(cfg)
+    )
 
 
 def build_site(cfg: ExperimentConfig, node_config: dict) -> Site:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,26 +108,20 @@ class GlobalEvaluator:
         if self._teacher_feats is None:
             if self.test_images is None:
                 return {}
-            from common.distill.cache import FeatureCache, teacher_cache_key
+            from common.distill.features import cached_features
             from common.models.teacher import load_teacher
 
+            tcfg = self.cfg.teacher
             try:
-                teacher = load_teacher(self.cfg.teacher)
+                feats, _ = cached_features(
+                    tcfg, self.test_images, 1, tcfg.cache_dir,
+                    lambda: load_teacher(tcfg),
+                )
             except FedKDError as err:
                 log.warning("teacher probe on the global test disabled: %s", err)
                 self.test_images = None
                 return {}
-            cache = FeatureCache(
-                Path(self.cfg.teacher.cache_dir).expanduser(),
-                teacher_cache_key(teacher, 0),
-            )
-            feats, _ = cache.get_or_compute(
-                self.test_images,
-                lambda imgs: teacher.features(
-                    imgs, batch_size=self.cfg.teacher.batch_size
-                ),
-            )
-            self._teacher_feats = torch.from_numpy(feats)
+            self._teacher_feats = torch.from_numpy(feats[0])
         head = torch.nn.Linear(self._teacher_feats.shape[1], len(self.classes))
         load_into(head, arrays, HEAD_PREFIX)
         with torch.no_grad():
