@@ -16,11 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
 from common.config import ExperimentConfig
-from common.data.sites import SiteData, build_sites, load_site
+from common.data.sites import (
+    SiteData,
+    build_sites,
+    load_site,
+    pool_sites,
+    simulated_nodes,
+)
 from common.data.sources import load_dataset
 from common.data.views import apply_view, decode_size, to_student_tensor
 from common.device import setup_device
@@ -41,6 +47,7 @@ from common.serialization import (
 )
 from common.train import (
     LocalData,
+    OptimizerCarry,
     evaluate,
     evaluate_logits,
     predict_proba,
@@ -52,6 +59,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_HEAD_KEY = "fedkd.local-head"
 LOCAL_MODEL_KEY = "fedkd.local-student"
+OPTIMIZER_KEY = "fedkd.optimizer-state"
 
 
 def uses_teacher(cfg: ExperimentConfig) -> bool:
@@ -146,13 +154,16 @@ def site_data(cfg: ExperimentConfig, node_config: dict) -> SiteData:
             "(deployment) or partition-id (simulation)"
         )
     pid = int(node_config["partition-id"])
-    n_part = int(node_config.get("num-partitions", cfg.partition.sites))
-    if n_part != cfg.partition.sites:
+    nodes = simulated_nodes(cfg.federation.strategy, cfg.partition.sites)
+    n_part = int(node_config.get("num-partitions", nodes))
+    if n_part != nodes:
         raise DataError(
-            f"engine runs {n_part} nodes but partition.sites={cfg.partition.sites}; "
-            "they must match"
+            f"engine runs {n_part} nodes but federation.strategy="
+            f"{cfg.federation.strategy} with partition.sites={cfg.partition.sites} "
+            f"needs {nodes}; they must match"
         )
-    return build_sites(dataset_for(cfg), cfg.partition, cfg.train.seed)[pid]
+    sites = build_sites(dataset_for(cfg), cfg.partition, cfg.train.seed)
+    return pool_sites(sites) if cfg.federation.strategy == "pooled" else sites[pid]
 
 
 def teacher_features(
@@ -332,6 +343,34 @@ def _fit(
     )
 
 
+def load_carry(cfg: ExperimentConfig, state: RecordDict) -> OptimizerCarry | None:
+    """The optimiser state this site kept from its last round (optimizer_state=keep)."""
+    if cfg.train.optimizer_state != "keep":
+        return None
+    if OPTIMIZER_KEY not in state:
+        return OptimizerCarry()
+    rec = state[OPTIMIZER_KEY]
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key in rec.keys():
+        index, _, name = key.partition("/")
+        out.setdefault(int(index), {})[name] = torch.from_numpy(rec[key].numpy())
+    return OptimizerCarry(out)
+
+
+def save_carry(state: RecordDict, carry: OptimizerCarry | None) -> None:
+    """Keep the optimiser state in the site's Flower state for the next round."""
+    if carry is None or not carry.state:
+        return
+    state[OPTIMIZER_KEY] = ArrayRecord(
+        {
+            f"{i}/{name}": Array(v.detach().cpu().numpy().copy())
+            for i, st in carry.state.items()
+            for name, v in st.items()
+            if torch.is_tensor(v)
+        }
+    )
+
+
 def _student_source(
     cfg: ExperimentConfig, state: RecordDict, arrays: ArrayRecord
 ) -> ArrayRecord:
@@ -425,6 +464,7 @@ def train_round(
             proj = make_proj(student, site.feats_train.shape[-1])
             load_into(proj, source, PROJ_PREFIX)
             proj.to(site.device)
+    carry = load_carry(cfg, state)
     metrics.update(
         train_local(
             student,
@@ -436,8 +476,10 @@ def train_round(
             proximal_mu=proximal_mu,
             lr=round_lr(cfg.train, server_round, cfg.federation.rounds),
             kd_weight=kd_weight,
+            carry=carry,
         )
     )
+    save_carry(state, carry)
     out.update(module_arrays(student, STUDENT_PREFIX))
     if proj is not None:
         out.update(module_arrays(proj, PROJ_PREFIX))

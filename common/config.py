@@ -127,11 +127,15 @@ class DistillConfig:
 @dataclass
 class FederationConfig:
     rounds: int = 10
-    # fedavg | fedavgm | fedadam | fedyogi | fedprox | fedmedian | fedtrimmedavg
-    # | krum | local | pooled
+    # fedavg | fedavgm | fedadam | fedyogi | fedexp | fedprox | fedmedian
+    # | fedtrimmedavg | krum | local | pooled. `pooled` is the fair reference: one
+    # node holding the union of the partition's sites exactly as they hold them
+    # (same images, scanner profiles and labelled masks); `fedexp` sets the
+    # server step from the updates' norms (Jhunjhunwala et al., ICLR 2023).
     strategy: str = "fedavg"
     # server-side optimiser (fedavgm, fedadam, fedyogi): step size on the
-    # averaged update, and momentum (fedavgm) / first-moment decay (adam, yogi)
+    # averaged update, and momentum (fedavgm) / first-moment decay (adam, yogi).
+    # FedAvg with a server learning rate is fedavgm with server_momentum 0.
     server_lr: float = 1.0
     server_momentum: float = 0.9
     fraction_train: float = 1.0
@@ -140,6 +144,8 @@ class FederationConfig:
     min_sites: int = 2
     # proximal term for fedprox
     proximal_mu: float = 0.01
+    # fedexp: epsilon in its step max(1, mean|d_i|^2 / (2 (|mean d_i|^2 + eps)))
+    fedexp_eps: float = 1e-3
     # float32 | float16 for the arrays sent over the wire
     transfer_dtype: str = "float32"
     # seconds the server waits for replies in one round
@@ -157,16 +163,28 @@ class FederationConfig:
     trim_beta: float = 0.2
     krum_byzantine: int = 1
 
+    @property
+    def required_sites(self) -> int:
+        """Replies a round needs: min_sites, or 1 for pooled (one node holds all)."""
+        return 1 if self.strategy == "pooled" else self.min_sites
+
 
 @dataclass
 class TrainConfig:
+    # local work per round: local_epochs passes over the site's data, or, when
+    # local_steps > 0, exactly that many SGD steps (batches) whatever its size
     local_epochs: int = 1
+    local_steps: int = 0
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # sgd | adam
     optimizer: str = "sgd"
+    # the site's optimiser state (SGD's momentum buffer, Adam's moments) across
+    # rounds: reset (rebuilt every round, what FedAvg assumes) | keep (kept in
+    # the site's state and carried into the next round)
+    optimizer_state: str = "reset"
     seed: int = 0
     # torch threads per process (0 = leave torch's default)
     num_threads: int = 0
@@ -248,6 +266,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "fedavgm",
         "fedadam",
         "fedyogi",
+        "fedexp",
         "fedprox",
         "fedmedian",
         "fedtrimmedavg",
@@ -257,6 +276,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "federation.transfer_dtype": ("float32", "float16"),
     "train.optimizer": ("sgd", "adam"),
+    "train.optimizer_state": ("reset", "keep"),
     "train.lr_schedule": ("cosine", "constant"),
     "run.engine": ("ray", "inprocess"),
     "run.device": ("auto", "cpu", "cuda", "mps"),
@@ -434,6 +454,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _range("federation.trim_beta", cfg.federation.trim_beta, 0.0, 0.5, lo_open=True)
     _range("federation.krum_byzantine", cfg.federation.krum_byzantine, 0, None)
     _range("train.local_epochs", cfg.train.local_epochs, 1, None)
+    _range("train.local_steps", cfg.train.local_steps, 0, None)
+    _range("federation.fedexp_eps", cfg.federation.fedexp_eps, 0.0, None, lo_open=True)
     _range("train.batch_size", cfg.train.batch_size, 1, None)
     _range("train.lr", cfg.train.lr, 0.0, None, lo_open=True)
     _range("train.momentum", cfg.train.momentum, 0.0, 1.0)

@@ -57,6 +57,38 @@ def _make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimize
     )
 
 
+@dataclass
+class OptimizerCarry:
+    """A site's optimiser state carried from one round into the next.
+
+    `train_local` loads `state` (a torch optimizer `state_dict()['state']`) into
+    the round's new optimiser when it fits the parameters, and leaves the final
+    state there. With `train.optimizer_state=reset` no carry is passed.
+    """
+
+    state: dict | None = None
+
+
+def _restore(opt: torch.optim.Optimizer, carry: OptimizerCarry | None) -> None:
+    """Load a carried state whose shapes match; the round's lr stays as set."""
+    if carry is None or not carry.state:
+        return
+    params = [p for g in opt.param_groups for p in g["params"]]
+    fits = set(carry.state) <= set(range(len(params))) and all(
+        v.shape == params[i].shape
+        for i, st in carry.state.items()
+        for v in st.values()
+        if torch.is_tensor(v) and v.ndim > 0
+    )
+    if not fits:
+        log.warning("carried optimiser state does not fit the model; starting anew")
+        return
+    # state_dict() names parameters by index and holds this round's lr
+    sd = opt.state_dict()
+    sd["state"] = carry.state
+    opt.load_state_dict(sd)
+
+
 def round_lr(cfg: TrainConfig, server_round: int, rounds: int) -> float:
     """The learning rate of `server_round` (1-based) out of `rounds`.
 
@@ -88,6 +120,109 @@ def proximal_term(
     return 0.5 * mu * sq
 
 
+def _batches(pool: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, epochs):
+    """Index batches of one round: `epochs` passes, or `train.local_steps` steps.
+
+    A batch of one item is skipped (BatchNorm cannot train on it) and does not
+    count as a step.
+    """
+    steps = 0
+    epoch = 0
+    while (cfg.local_steps > 0 and steps < cfg.local_steps) or (
+        cfg.local_steps == 0 and epoch < epochs
+    ):
+        order = pool[torch.randperm(len(pool), generator=gen)]
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            yield idx
+            steps += 1
+            if cfg.local_steps and steps >= cfg.local_steps:
+                return
+        epoch += 1
+        if epoch > 0 and steps == 0:
+            return  # no usable batch at all; train_local reports it
+
+
+@dataclass
+class _Round:
+    """What one local round's steps share (resolved once in `train_local`)."""
+
+    data: LocalData
+    alpha: float
+    use_teacher: bool
+    use_feats: bool
+    kd_weight: float
+    offset: torch.Tensor | None = None
+
+
+def _step_loss(
+    student: nn.Module,
+    proj: nn.Module | None,
+    r: _Round,
+    idx: torch.Tensor,
+    gen: torch.Generator,
+    train_cfg: TrainConfig,
+    distill_cfg: DistillConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """(loss, kd_loss's parts, feature loss) of one batch."""
+    data = r.data
+    # A random fixed view per item: the teacher's cached targets were computed
+    # for exactly these inputs (common/data/views.py).
+    view = torch.randint(data.x.shape[0], (len(idx),), generator=gen)
+    logits, pre = _forward(student, data.x[view, idx], r.use_feats)
+    t_logits = data.teacher_logits[view, idx] if r.use_teacher else None
+    if r.offset is None and train_cfg.logit_adjust > 0:
+        # Logit adjustment (FedLC-style): CE sees logits + tau * log(site prior),
+        # so a class the site rarely sees is not pushed down for being rare.
+        counts = torch.bincount(data.y[data.labelled], minlength=logits.shape[1])
+        r.offset = train_cfg.logit_adjust * log_prior(counts)
+    losses = kd_loss(
+        logits,
+        t_logits,
+        data.y[idx],
+        alpha=r.alpha if r.use_teacher else 1.0,
+        temperature=distill_cfg.temperature,
+        labelled=data.labelled[idx],
+        unlabelled_weight=distill_cfg.unlabelled_weight * r.kd_weight
+        if r.use_teacher
+        else 0.0,
+        ce_offset=r.offset,
+    )
+    loss, f_loss = losses["loss"], None
+    if r.use_feats:
+        f_loss = feature_loss(
+            proj(pre), data.teacher_feats[view, idx], kind=distill_cfg.feature_loss
+        )
+        loss = loss + distill_cfg.feature_weight * r.kd_weight * f_loss
+    return loss, losses, f_loss
+
+
+def _resolve(
+    data: LocalData, distill_cfg: DistillConfig, proj, kd_weight: float
+) -> tuple[_Round, torch.Tensor]:
+    """The round's KD switches and the pool of usable training indices."""
+    use_teacher = (
+        data.teacher_logits is not None and distill_cfg.alpha < 1.0 and kd_weight > 0
+    )
+    use_feats = (
+        proj is not None
+        and data.teacher_feats is not None
+        and distill_cfg.feature_weight * kd_weight > 0
+    )
+    if use_teacher or use_feats:
+        pool = torch.arange(data.n)
+    else:
+        # Without a teacher an unlabelled image carries no signal at all.
+        pool = torch.nonzero(data.labelled.cpu()).flatten()  # indices on the CPU
+    if len(pool) < 2:
+        raise ValueError(f"site has {len(pool)} usable training images; need >= 2")
+    # alpha = 1 in the config means plain supervised training
+    alpha = 1.0 - (1.0 - distill_cfg.alpha) * kd_weight
+    return _Round(data, alpha, use_teacher, use_feats, kd_weight), pool
+
+
 def train_local(
     student: nn.Module,
     data: LocalData,
@@ -100,40 +235,24 @@ def train_local(
     epochs: int | None = None,
     lr: float | None = None,
     kd_weight: float = 1.0,
+    carry: OptimizerCarry | None = None,
 ) -> dict[str, float]:
     """Train `student` in place on one site's data; return scalar metrics.
 
     `lr` is this round's rate (`round_lr`; default `train_cfg.lr`). `kd_weight`
     in [0, 1] scales every teacher term (the site's KD gate): the effective
-    alpha is 1 - (1 - alpha) * kd_weight.
+    alpha is 1 - (1 - alpha) * kd_weight. `carry` holds the optimiser state
+    kept across rounds (`train.optimizer_state=keep`).
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    alpha = 1.0 - (1.0 - distill_cfg.alpha) * kd_weight
-    # alpha = 1 in the config means plain supervised training, as before
-    use_teacher = (
-        data.teacher_logits is not None and distill_cfg.alpha < 1.0 and kd_weight > 0
+    r, pool = _resolve(data, distill_cfg, proj, kd_weight)
+    params = list(student.parameters()) + (
+        list(proj.parameters()) if r.use_feats else []
     )
-    use_feats = (
-        proj is not None
-        and data.teacher_feats is not None
-        and distill_cfg.feature_weight * kd_weight > 0
-    )
-    # Logit adjustment (FedLC-style): CE sees logits + tau * log(site prior), so
-    # a class the site rarely sees is not pushed down just for being rare.
-    offset = None  # built at the first batch, when the logits' width is known
-    labelled_y = data.y[data.labelled]
-    if use_teacher or use_feats:
-        pool = torch.arange(data.n)
-    else:
-        # Without a teacher an unlabelled image carries no signal at all.
-        pool = torch.nonzero(data.labelled.cpu()).flatten()  # indices on the CPU
-    if len(pool) < 2:
-        raise ValueError(f"site has {len(pool)} usable training images; need >= 2")
-    n_views = data.x.shape[0]
-    params = list(student.parameters()) + (list(proj.parameters()) if use_feats else [])
     opt = _make_optimizer(params, train_cfg, train_cfg.lr if lr is None else lr)
+    _restore(opt, carry)
     global_params = (
         [p.detach().clone() for p in student.parameters()] if proximal_mu > 0 else None
     )
@@ -142,64 +261,44 @@ def train_local(
         proj.train()
     sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feat": 0.0}
     steps = seen = 0
-    for _ in range(epochs or train_cfg.local_epochs):
-        order = pool[torch.randperm(len(pool), generator=gen)]
-        for start in range(0, len(order), train_cfg.batch_size):
-            idx = order[start : start + train_cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on a single item
-                continue
-            # A random fixed view per item: the teacher's cached targets were
-            # computed for exactly these inputs (common/data/views.py).
-            view = torch.randint(n_views, (len(idx),), generator=gen)
-            xb = data.x[view, idx]
-            logits, pre = _forward(student, xb, use_feats)
-            t_logits = data.teacher_logits[view, idx] if use_teacher else None
-            if offset is None and train_cfg.logit_adjust > 0:
-                counts = torch.bincount(labelled_y, minlength=logits.shape[1])
-                offset = train_cfg.logit_adjust * log_prior(counts)
-            losses = kd_loss(
-                logits,
-                t_logits,
-                data.y[idx],
-                alpha=alpha if use_teacher else 1.0,
-                temperature=distill_cfg.temperature,
-                labelled=data.labelled[idx],
-                unlabelled_weight=distill_cfg.unlabelled_weight * kd_weight
-                if use_teacher
-                else 0.0,
-                ce_offset=offset,
-            )
-            loss = losses["loss"]
-            if use_feats:
-                f_loss = feature_loss(
-                    proj(pre),
-                    data.teacher_feats[view, idx],
-                    kind=distill_cfg.feature_loss,
-                )
-                loss = loss + distill_cfg.feature_weight * kd_weight * f_loss
-                sums["feat"] += f_loss.item()
-            if global_params is not None:
-                loss = loss + proximal_term(student, global_params, proximal_mu)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-            opt.step()
-            # float() is a sync point; cheap on CPU and keeps the metrics exact.
-            sums["loss"] += loss.item()
-            sums["ce"] += losses["ce"].item()
-            sums["kd"] += losses["kd"].item()
-            steps += 1
-            seen += len(idx)
+    for idx in _batches(pool, train_cfg, gen, epochs or train_cfg.local_epochs):
+        loss, losses, f_loss = _step_loss(
+            student, proj, r, idx, gen, train_cfg, distill_cfg
+        )
+        if global_params is not None:
+            loss = loss + proximal_term(student, global_params, proximal_mu)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+        opt.step()
+        # .item() is a sync point; cheap on the CPU and keeps the metrics exact.
+        sums["loss"] += loss.item()
+        sums["ce"] += losses["ce"].item()
+        sums["kd"] += losses["kd"].item()
+        sums["feat"] += f_loss.item() if f_loss is not None else 0.0
+        steps += 1
+        seen += len(idx)
     if steps == 0:
         raise ValueError("no training step ran; batch_size too large for the site?")
+    if carry is not None:
+        carry.state = opt.state_dict()["state"]
+    return _train_metrics(sums, steps, seen, len(pool), time.perf_counter() - t0)
+
+
+def _train_metrics(
+    sums: dict[str, float], steps: int, seen: int, usable: int, secs: float
+) -> dict[str, float]:
+    """Per-step means of the loss parts, with the round's size and speed."""
     if not np.isfinite(sums["loss"]):
         log.warning("non-finite training loss at this site (lr too high?)")
-    secs = time.perf_counter() - t0
     out = {f"train_{k}": v / steps for k, v in sums.items()}
     out.update(
         {
-            "num-examples": float(len(pool)),
+            "num-examples": float(usable),
+            # SGD steps and sample-gradients of this round (the compute budget)
+            "train_steps": float(steps),
+            "train_samples": float(seen),
             "train_seconds": secs,
             "train_images_per_s": seen / max(secs, 1e-9),
         }

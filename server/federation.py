@@ -85,7 +85,7 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
         NODE_NAMES[msg.metadata.src_node_id] = str(rec.get("name"))
     for e in errors:
         log.error("site handshake failed: %s", e)
-    if len(infos) < cfg.federation.min_sites:
+    if len(infos) < cfg.federation.required_sites:
         detail = errors[0] if errors else "no reply"
         raise FederationError(
             f"{len(infos)} sites answered the handshake, federation.min_sites="
@@ -154,7 +154,7 @@ def _train_round(
         new_arrays, metrics = strategy.aggregate_train(rnd, replies)
         report = strategy.report
         ok = report.accepted
-        if new_arrays is not None and ok >= fed.min_sites:
+        if new_arrays is not None and ok >= fed.required_sites:
             report.failed[:0] = earlier
             return new_arrays, metrics, report, attempt, replies
         earlier += [
@@ -273,7 +273,7 @@ def run_federation(
     """Run (or resume) the whole federation; return the final metrics."""
     run_dir = Path(run_dir)
     hist_path = run_dir / "history.jsonl"
-    expected = expected_sites or cfg.federation.min_sites
+    expected = expected_sites or cfg.federation.required_sites
     infos = handshake(grid, cfg, expected)
     classes = [str(c) for c in infos[0]["classes"]]
     channels = int(infos[0]["channels"])

@@ -37,6 +37,7 @@ from common.serialization import (
     restore_int_dtypes,
     to_float32,
 )
+from server.fedexp import FedExP
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def _update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
 def dp_sample_size(cfg: ExperimentConfig, num_sites: int) -> int:
     """Sites Flower's FedAvg samples per round (its own formula); the DP denominator."""
     fed = cfg.federation
-    return max(int(num_sites * fed.fraction_train), min(fed.min_sites, num_sites), 1)
+    need = min(fed.required_sites, num_sites)
+    return max(int(num_sites * fed.fraction_train), need, 1)
 
 
 def uniform_dp_supported(cfg: ExperimentConfig) -> bool:
@@ -327,7 +329,7 @@ class SafeAggregation:
     # -- server optimiser state (FedAvgM, FedAdam, FedYogi) ---------------------
     def _track_server_model(self, arrays: ArrayRecord) -> None:
         """Server optimisers step from the float32 global model, not the wire copy."""
-        if isinstance(self, FedAvgM):
+        if isinstance(self, (FedAvgM, FedExP)):
             self.current_arrays = arrays
         elif isinstance(self, (FedAdam, FedYogi)):
             self.current_arrays = {k: arrays[k].numpy() for k in arrays.keys()}
@@ -456,6 +458,7 @@ _BASES = {
     "fedavgm": FedAvgM,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
+    "fedexp": FedExP,
     "fedprox": FedProx,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
@@ -470,11 +473,11 @@ def build_strategy(cfg: ExperimentConfig, num_sites: int):
     kwargs = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=min(fed.min_sites, num_sites),
-        min_evaluate_nodes=min(fed.min_sites, num_sites)
+        min_train_nodes=min(fed.required_sites, num_sites),
+        min_evaluate_nodes=min(fed.required_sites, num_sites)
         if fed.fraction_evaluate
         else 0,
-        min_available_nodes=min(fed.min_sites, num_sites),
+        min_available_nodes=min(fed.required_sites, num_sites),
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -489,6 +492,8 @@ def build_strategy(cfg: ExperimentConfig, num_sites: int):
     elif fed.strategy in ("fedadam", "fedyogi"):
         # eta_l is only reported by Flower; the sites' rate is train.lr
         kwargs.update(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99)
+    elif fed.strategy == "fedexp":
+        kwargs["eps"] = fed.fedexp_eps
     elif fed.strategy == "krum":
         kwargs["num_malicious_nodes"] = fed.krum_byzantine
     cls = type(f"Safe{base.__name__}", (SafeAggregation, base), {})

@@ -56,28 +56,26 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> N
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
+    from common.data.sites import simulated_nodes
     from server.federation import run_federation
 
+    nodes = simulated_nodes(cfg.federation.strategy, cfg.partition.sites)
     if cfg.run.engine == "inprocess":
         from simulations.inprocess import InProcessGrid
 
-        grid = InProcessGrid(client_app, cfg.partition.sites)
-        run_federation(
-            grid, cfg, run_dir, resume=resume, expected_sites=cfg.partition.sites
-        )
+        grid = InProcessGrid(client_app, nodes)
+        run_federation(grid, cfg, run_dir, resume=resume, expected_sites=nodes)
         return
 
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
-        run_federation(
-            grid, cfg, run_dir, resume=resume, expected_sites=cfg.partition.sites
-        )
+        run_federation(grid, cfg, run_dir, resume=resume, expected_sites=nodes)
 
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=cfg.partition.sites,
+        num_supernodes=nodes,
         backend_config=backend_config(cfg),
     )

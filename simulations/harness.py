@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = {"name", "description", "base", "methods", "seeds", "sweep",
                    "proxy_teacher", "report"}
+# report: last_k (rounds in the last-k means), anchor ([federated, pooled] IID
+# sanity pair), references (methods every other method is also compared with)
+REPORT_KEYS = {"last_k", "anchor", "references", "experiment_path"}
 
 
 @dataclass
@@ -69,6 +72,14 @@ def load_experiment(path: str | Path) -> Experiment:
     sweep = data.get("sweep") or {}
     if len(sweep) > 1:
         raise ConfigError(f"{p}: one sweep axis at most, got {sorted(sweep)}")
+    report = dict(data.get("report") or {})
+    if set(report) - REPORT_KEYS:
+        raise ConfigError(f"unknown report keys {sorted(set(report) - REPORT_KEYS)} "
+                          f"in {p}; valid: {', '.join(sorted(REPORT_KEYS))}")
+    anchor = report.get("anchor")
+    if anchor is not None and (not isinstance(anchor, list) or len(anchor) != 2):
+        raise ConfigError(f"{p}: report.anchor must name two methods "
+                          f"[federated, pooled], got {anchor!r}")
     exp = Experiment(
         name=str(data.get("name", p.stem)),
         description=str(data.get("description", "")),
@@ -77,7 +88,7 @@ def load_experiment(path: str | Path) -> Experiment:
         seeds=[int(s) for s in data.get("seeds", [0, 1, 2])],
         sweep={str(k): list(v) for k, v in sweep.items()},
         proxy_teacher=data.get("proxy_teacher"),
-        report=dict(data.get("report") or {}),
+        report=report,
     )
     # Fail now, not after an hour: every run's config must resolve.
     for _, overrides in _runs(exp, Path("."), {}):

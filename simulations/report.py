@@ -23,10 +23,17 @@ SCALARS = (
     *(f"global_{m}_lastk" for m in GLOBAL),
     "val_acc", "val_acc_lastk", "site_acc", "site_auc", "site_acc_lastk",
     "worst_site_acc", "teacher_global_acc", "teacher_global_auc", "teacher_site_acc",
-    "teacher_site_auc", "kd_weight", "seconds",
+    "teacher_site_auc", "kd_weight", "seconds", "val_auc_slope", "sample_grads",
 )
 KD_VARIANTS = ("fedkd-federated", "fedkd-local", "fedkd")
 PRIMARY = "global_acc_lastk"
+# a method whose validation AUC still rises faster than this (points per round,
+# least squares over the last SLOPE_WINDOW rounds) is flagged "not converged"
+SLOPE_LIMIT = 0.2
+SLOPE_WINDOW = 10
+# the IID sanity anchor: FedAvg on IID, unshifted sites within this many points
+# of pooled training on the same images (docs/results/federated-gap)
+ANCHOR_POINTS = 2.0
 
 
 def _mean_last(rows: list[dict], section: str, key: str, k: int) -> float | None:
@@ -38,6 +45,28 @@ def _mean_last(rows: list[dict], section: str, key: str, k: int) -> float | None
 
 def _last(rows: list[dict], section: str, key: str) -> float | None:
     return _mean_last(rows, section, key, 1)
+
+
+def val_auc_slope(rows: list[dict], window: int = SLOPE_WINDOW) -> float | None:
+    """Least-squares slope of validation AUC (points per round) over the last rounds.
+
+    Uses the evaluated rounds among the last `window`; None with fewer than 3.
+    """
+    last = max((r["round"] for r in rows), default=0)
+    pts = [(r["round"], 100.0 * r["global_val"]["auc"]) for r in rows
+           if r["round"] > last - window and "auc" in (r.get("global_val") or {})]
+    if len(pts) < 3:
+        return None
+    x, y = np.array(pts, dtype=float).T
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def sample_grads(rows: list[dict]) -> float | None:
+    """Sample-gradients spent by all sites over the run (None for older runs)."""
+    vals = [v.get("train/train_samples") for r in rows
+            for v in (r.get("sites") or {}).values()]
+    vals = [v for v in vals if v is not None]
+    return float(sum(vals)) if vals else None
 
 
 def run_record(desc: dict[str, Any], k: int = 5) -> dict[str, Any] | None:
@@ -64,6 +93,8 @@ def run_record(desc: dict[str, Any], k: int = 5) -> dict[str, Any] | None:
     rec["teacher_site_auc"] = _last(rows, "eval", "teacher_auc")
     rec["kd_weight"] = _mean_last(rows, "train", "kd_weight", k)
     rec["seconds"] = float(sum(r.get("seconds", 0.0) for r in rows))
+    rec["val_auc_slope"] = val_auc_slope(rows)
+    rec["sample_grads"] = sample_grads(rows)
     evaluated = [r for r in rows if r.get("eval")]
     last = evaluated[-1] if evaluated else rows[-1]
     rec["per_site"] = {n: v.get("eval/acc") for n, v in last.get("sites", {}).items()}
@@ -304,13 +335,52 @@ def _sweep_plot(agg: dict, out: Path, key: str) -> str:
     return "accuracy_vs_sweep.png"
 
 
+def _slope_cell(stat: tuple[float, float, int]) -> str:
+    """Seed-mean slope of val AUC, flagged when the method is still rising."""
+    mean, _, n = stat
+    if n == 0:
+        return "n/a"
+    flag = " **not converged**" if mean > SLOPE_LIMIT else ""
+    return f"{mean:+.2f}/round{flag}"
+
+
+def _grads_cell(stat: tuple[float, float, int]) -> str:
+    mean, _, n = stat
+    return "n/a" if n == 0 else f"{mean / 1000:.0f}"
+
+
+def sanity_anchor(records: list[dict], report: dict, sv: Any = None) -> list[str]:
+    """The IID sanity row: federated vs pooled on IID, unshifted sites.
+
+    `report: {anchor: [fedavg-iid, pooled-iid]}` names the two methods; the
+    anchor holds when the federated arm is within ANCHOR_POINTS of pooled.
+    """
+    pair = report.get("anchor")
+    if not pair:
+        return []
+    fed, pooled = pair
+    d = paired_diff(records, fed, pooled, PRIMARY, sv)
+    if d["n"] == 0:
+        return [f"**IID sanity anchor: not measured** (no paired runs of {fed} and "
+                f"{pooled}).", ""]
+    holds = d["mean"] * 100 >= -ANCHOR_POINTS
+    word = "holds" if holds else "**FAILS**"
+    ci = (f", 95 % CI [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}]" if d["n"] > 1
+          else " (one seed, no interval)")
+    return [f"**IID sanity anchor {word}**: {fed} − {pooled} = "
+            f"{d['mean'] * 100:+.1f} points on global ACC last-k{ci}, over "
+            f"{d['n']} seeds (must be within {ANCHOR_POINTS:g} points: the check "
+            "that the federated optimiser is right).", ""]
+
+
 def _table(agg: dict, sv: Any) -> list[str]:
     """Two tables: the global test (every method, one test set) and site means."""
     rows = [v for _, v in sorted(agg.items()) if v["sweep_value"] == sv]
     lines = ["Global test split (every method scored on the same images):", "",
              "| method | ACC last-k | ACC final | bal. ACC last-k | bal. ACC final "
              "| AUC last-k | AUC final | val ACC last-k | teacher probe ACC / AUC "
-             "| seeds | min/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| val AUC slope, last 10 rounds | sample-grads (k) | seeds | min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in rows:
         probe = ("–" if v["teacher_global_acc"][2] == 0 else
                  f"{_fmt(v['teacher_global_acc'])} / {_fmt(v['teacher_global_auc'])}")
@@ -319,6 +389,7 @@ def _table(agg: dict, sv: Any) -> list[str]:
             f"{_fmt(v['global_acc'])} | {_fmt(v['global_bacc_lastk'])} | "
             f"{_fmt(v['global_bacc'])} | {_fmt(v['global_auc_lastk'])} | "
             f"{_fmt(v['global_auc'])} | {_fmt(v['val_acc_lastk'])} | {probe} | "
+            f"{_slope_cell(v['val_auc_slope'])} | {_grads_cell(v['sample_grads'])} | "
             f"{len(v['seeds'])} | {v['seconds'][0] / 60:.1f} |")
     lines += ["", "Site means (each site's own test part: its label mix and scanner; "
               "not comparable with the table above):", "",
@@ -376,7 +447,10 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
     for sv in values:
         if axis:
             lines += [f"## {axis} = {sv}", ""]
+        lines += sanity_anchor(records, exp.report, sv)
         lines += ["### Verdict", ""] + verdict(records, sv) + [""]
+        for ref in exp.report.get("references", []):
+            lines += [f"Against `{ref}`:", ""] + verdict(records, sv, ref=ref) + [""]
         lines += ["### Results", ""] + _table(agg, sv) + [""]
         recs = [r for r in records if r["sweep_value"] == sv]
         sites = sorted({s for r in recs for s in r["per_site"]})

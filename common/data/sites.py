@@ -164,6 +164,31 @@ def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteD
     return sites
 
 
+def pool_sites(sites: list[SiteData]) -> SiteData:
+    """One site holding every site's data exactly as they hold it (fair pooling).
+
+    Train and test parts, labelled masks and scanner-shifted pixels are
+    concatenated in site order; the pooled reference then differs from the
+    federation only in where the data sits, not in what it is.
+    """
+    if not sites:
+        raise DataError("cannot pool zero sites")
+    return SiteData(
+        site_id=0,
+        name="pooled",
+        train=ImageSet.concat([s.train for s in sites]),
+        test=ImageSet.concat([s.test for s in sites]),
+        labelled=np.concatenate([s.labelled for s in sites]),
+        profile=None,
+        classes=sites[0].classes,
+    )
+
+
+def simulated_nodes(strategy: str, sites: int) -> int:
+    """Nodes a simulation runs: one for the pooled reference, else one per site."""
+    return 1 if strategy == "pooled" else sites
+
+
 def load_site(
     source: str,
     image_size: int,

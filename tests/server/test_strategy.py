@@ -279,3 +279,46 @@ def test_server_optimiser_accepts_an_array_the_sites_add(name):
     # the new array starts at the replies' mean and takes no server step
     np.testing.assert_allclose(agg["head.weight"].numpy(), 2.0, rtol=1e-6)
     assert agg["student.w"].numpy().shape == (2,)
+
+
+def _fedexp(eps: float = 1e-3):
+    cfg = load_config(None, ["partition.sites=4", "federation.strategy=fedexp",
+                             f"federation.fedexp_eps={eps}",
+                             "federation.norm_outlier_factor=0"])
+    return build_strategy(cfg, 4)
+
+
+def test_fedexp_step_matches_hand_computed_extrapolation():
+    x0 = np.array([1.0, 2.0], np.float32)
+    # updates d1 = (1, 0), d2 = (-1, 0.2): mean |d_i|^2 = (1 + 1.04) / 2 = 1.02,
+    # mean d = (0, 0.1), |d|^2 = 0.01 -> eta = 1.02 / (2 (0.01 + 1e-3))
+    x1 = _round(_fedexp(), 1, x0, [x0 + np.array([1.0, 0.0], np.float32),
+                                   x0 + np.array([-1.0, 0.2], np.float32)])
+    eta = 1.02 / (2 * 0.011)
+    np.testing.assert_allclose(x1, x0 + eta * np.array([0.0, 0.1]), rtol=1e-5)
+
+
+def test_fedexp_is_fedavg_when_the_sites_agree():
+    x0 = np.zeros(3, np.float32)
+    same = [x0 + 0.5, x0 + 0.5]
+    # mean |d_i|^2 = |d|^2 -> eta = max(1, 1/2) = 1: the plain mean
+    np.testing.assert_allclose(_round(_fedexp(), 1, x0, same), x0 + 0.5, rtol=1e-6)
+
+
+def test_fedexp_records_its_step_and_leaves_new_arrays_at_the_mean():
+    strat = _fedexp()
+    arrays = pack({"student.w": np.zeros(2, np.float32)})
+    strat._reference = arrays
+    strat._track_server_model(arrays)
+    replies = [
+        _reply({"student.w": np.array([1.0, 0.0], np.float32),
+                "head.weight": np.full((2, 3), v, np.float32)}, 10, f"s{i}")
+        for i, v in enumerate((1.0, 3.0))
+    ]
+    replies[1] = _reply({"student.w": np.array([-1.0, 0.0], np.float32),
+                         "head.weight": np.full((2, 3), 3.0, np.float32)}, 10, "s1")
+    agg, metrics = strat.aggregate_train(1, replies)
+    # opposite updates: mean d = 0 -> eta = 1 / (2 * 1e-3) = 500, times a zero move
+    assert metrics["server_step"] == pytest.approx(500.0)
+    np.testing.assert_allclose(agg["student.w"].numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(agg["head.weight"].numpy(), 2.0, rtol=1e-6)

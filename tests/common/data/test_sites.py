@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from common.config import PartitionConfig
-from common.data.sites import build_sites, labelled_mask, load_site
+from common.data.sites import (
+    build_sites,
+    labelled_mask,
+    load_site,
+    pool_sites,
+    simulated_nodes,
+)
 from common.data.types import Dataset, ImageSet, image_hashes
 
 
@@ -121,3 +127,22 @@ def test_site_with_empty_test_part_is_rejected():
     cfg = replace(CFG, sites=2, site_test_fraction=0.001, scheme="iid")
     with pytest.raises(DataError, match="site_test_fraction=0.001"):
         build_sites(ds, cfg, seed=0)
+
+
+def test_fair_pooled_site_holds_exactly_the_sites_shifted_images_and_masks():
+    cfg = replace(CFG, shift="scanner", labelled_fraction=0.5)
+    sites = build_sites(_dataset(), cfg, seed=3)
+    pooled = pool_sites(sites)
+    assert pooled.name == "pooled"
+    # the same pixels (scanner profiles applied), labels and masks, site by site
+    np.testing.assert_array_equal(
+        pooled.train.images, np.concatenate([s.train.images for s in sites])
+    )
+    np.testing.assert_array_equal(
+        pooled.test.labels, np.concatenate([s.test.labels for s in sites])
+    )
+    np.testing.assert_array_equal(
+        pooled.labelled, np.concatenate([s.labelled for s in sites])
+    )
+    assert pooled.labelled.sum() == sum(int(s.labelled.sum()) for s in sites)
+    assert simulated_nodes("pooled", 4) == 1 and simulated_nodes("fedavg", 4) == 4
