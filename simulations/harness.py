@@ -152,11 +152,19 @@ def proxies(exp: Experiment, extra: dict[str, Any]) -> dict[int, dict[str, Any]]
         return {}
     from simulations.proxy_teacher import train_proxy
 
-    arch = str(exp.proxy_teacher.get("arch", "resnet18"))
-    epochs = int(exp.proxy_teacher.get("epochs", 15))
+    spec = dict(exp.proxy_teacher)
+    unknown = set(spec) - {"arch", "epochs", "augment", "variants"}
+    if unknown:
+        raise ConfigError(f"unknown proxy_teacher keys {sorted(unknown)}; valid: "
+                          "arch, epochs, augment, variants")
+    arch = str(spec.get("arch", "resnet18"))
+    epochs = int(spec.get("epochs", 15))
+    aug = {"augment": str(spec.get("augment", "flip")),
+           "variants": int(spec.get("variants", 8))}
     out = {}
     for seed in exp.seeds:
-        path, summary = train_proxy(proxy_config(exp, extra, seed), arch, epochs)
+        path, summary = train_proxy(proxy_config(exp, extra, seed), arch, epochs,
+                                    **aug)
         how = "reused" if summary.get("reused") else "trained"
         print(f"proxy teacher {arch} for seed {seed}: {path} ({how})", flush=True)
         out[seed] = {"teacher.arch": arch, "teacher.weights": f"file:{path}"}

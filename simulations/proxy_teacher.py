@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import ExperimentConfig, TeacherConfig, load_config
+from common.data.shift import reacquire
 from common.data.sites import public_pool
 from common.data.sources import load_dataset
 from common.data.views import decode_size
@@ -35,50 +37,58 @@ from common.models.weights import save_teacher_checkpoint
 log = logging.getLogger(__name__)
 
 
-def proxy_path(cfg: ExperimentConfig, arch: str, epochs: int) -> Path:
-    """Cache location of the proxy for (data, pool, size, arch, epochs, seed)."""
+AUGMENTS = ("flip", "acquisition")
+
+
+def proxy_path(cfg: ExperimentConfig, arch: str, epochs: int,
+               augment: str = "flip", variants: int = 0) -> Path:
+    """Cache location of the proxy for (data, pool, size, arch, epochs, seed, aug)."""
     key = (f"{cfg.data.source}|{cfg.partition.public_pool_fraction}|"
            f"{cfg.teacher.image_size}|{arch}|{epochs}|{cfg.train.seed}")
+    if augment != "flip":  # flip-only proxies keep their cached names
+        key += f"|{augment}|{variants}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.data.cache_dir).expanduser() / "proxy" / f"{arch}-{digest}.pt"
 
 
-def train_proxy(cfg: ExperimentConfig, arch: str = "resnet18", epochs: int = 15,
-                lr: float = 1e-3) -> tuple[Path, dict]:
-    """Train (or reuse) the proxy teacher; return its file and a summary."""
-    path = proxy_path(cfg, arch, epochs)
-    if path.is_file():
-        return path, {"path": str(path), "reused": True}
-    if cfg.partition.public_pool_fraction <= 0:
-        raise FedKDError("a proxy teacher needs a public pool: set "
-                         "partition.public_pool_fraction (e.g. 0.2)")
-    size = decode_size(cfg.data.image_size, cfg.teacher.image_size)
-    ds = load_dataset(cfg.data.source, size, cfg.data.cache_dir, seed=cfg.train.seed,
-                      val_fraction=cfg.data.val_fraction,
-                      test_fraction=cfg.data.test_fraction)
-    pool = public_pool(ds, cfg.partition.public_pool_fraction, cfg.train.seed)
-    # The frozen-teacher wrapper gives the exact input pipeline the sites use.
-    # Only its preprocessing is used, so its RANDOM-INIT warning (meant for
-    # runs that distil from such a teacher) would mislead here: silence it.
+def _preprocessor(arch: str, image_size: int):
+    """The frozen-teacher wrapper, for the exact input pipeline the sites use.
+
+    Only its preprocessing is used, so its RANDOM-INIT warning (meant for runs
+    that distil from such a teacher) would mislead here: it is silenced.
+    """
     teacher_log = logging.getLogger("common.models.teacher")
     level = teacher_log.level
     teacher_log.setLevel(logging.ERROR)
     try:
-        prep = load_teacher(TeacherConfig(arch=arch, weights="random",
-                                          image_size=cfg.teacher.image_size))
+        return load_teacher(TeacherConfig(arch=arch, weights="random",
+                                          image_size=image_size))
     finally:
         teacher_log.setLevel(level)
-    x = prep.preprocess(pool.images)
-    y = torch.from_numpy(pool.labels)
-    torch.manual_seed(cfg.train.seed)
-    backbone = timm.create_model(arch, pretrained=False, num_classes=0)
-    head = nn.Linear(backbone.num_features, ds.num_classes)
+
+
+def _views(prep, images, augment: str, variants: int, seed: int) -> torch.Tensor:
+    """(1 + variants, N, C, H, W) inputs: the pool, then re-acquired copies.
+
+    `acquisition` augments with the scanner family at random strengths (gamma,
+    contrast, blur, noise, resampling), so that the proxy, like a foundation
+    model trained under heavy augmentation, does not move with the scanner.
+    """
+    copies = [images]
+    if augment == "acquisition":
+        rng = np.random.default_rng([seed, 0xAC0])
+        copies += [reacquire(images, rng) for _ in range(variants)]
+    return torch.stack([prep.preprocess(c) for c in copies])
+
+
+def _fit(backbone: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
+         epochs: int, lr: float, seed: int, arch: str) -> None:
+    """AdamW with a one-cycle schedule; a random view and a random flip per item."""
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * ((len(y) + 31) // 32))
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
     backbone.train()
     for epoch in range(epochs):
         order = torch.randperm(len(y), generator=gen)
@@ -87,7 +97,10 @@ def train_proxy(cfg: ExperimentConfig, arch: str = "resnet18", epochs: int = 15,
             idx = order[start : start + 32]
             if len(idx) < 2:
                 continue
-            xb = x[idx]
+            if len(x) > 1:  # augmented: one random variant per item
+                xb = x[torch.randint(len(x), (len(idx),), generator=gen), idx]
+            else:
+                xb = x[0, idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             loss = F.cross_entropy(head(backbone(xb)), y[idx])
@@ -99,6 +112,34 @@ def train_proxy(cfg: ExperimentConfig, arch: str = "resnet18", epochs: int = 15,
         log.info("proxy %s epoch %d/%d: loss %.4f", arch, epoch + 1, epochs,
                  total / len(y))
     backbone.eval()
+
+
+def train_proxy(cfg: ExperimentConfig, arch: str = "resnet18", epochs: int = 15,
+                lr: float = 1e-3, augment: str = "flip",
+                variants: int = 8) -> tuple[Path, dict]:
+    """Train (or reuse) the proxy teacher; return its file and a summary."""
+    if augment not in AUGMENTS:
+        raise FedKDError(f"proxy_teacher.augment={augment!r} is not valid; choose "
+                         f"one of: {', '.join(AUGMENTS)}")
+    path = proxy_path(cfg, arch, epochs, augment, variants)
+    if path.is_file():
+        return path, {"path": str(path), "reused": True}
+    if cfg.partition.public_pool_fraction <= 0:
+        raise FedKDError("a proxy teacher needs a public pool: set "
+                         "partition.public_pool_fraction (e.g. 0.2)")
+    size = decode_size(cfg.data.image_size, cfg.teacher.image_size)
+    ds = load_dataset(cfg.data.source, size, cfg.data.cache_dir, seed=cfg.train.seed,
+                      val_fraction=cfg.data.val_fraction,
+                      test_fraction=cfg.data.test_fraction)
+    pool = public_pool(ds, cfg.partition.public_pool_fraction, cfg.train.seed)
+    prep = _preprocessor(arch, cfg.teacher.image_size)
+    x = _views(prep, pool.images, augment, variants, cfg.train.seed)
+    y = torch.from_numpy(pool.labels)
+    torch.manual_seed(cfg.train.seed)
+    backbone = timm.create_model(arch, pretrained=False, num_classes=0)
+    head = nn.Linear(backbone.num_features, ds.num_classes)
+    t0 = time.perf_counter()
+    _fit(backbone, head, x, y, epochs, lr, cfg.train.seed, arch)
     with torch.inference_mode():
         val_x = prep.preprocess(ds.val.images)
         val_acc = float((head(backbone(val_x)).argmax(1).numpy() == ds.val.labels)
@@ -110,14 +151,14 @@ def train_proxy(cfg: ExperimentConfig, arch: str = "resnet18", epochs: int = 15,
                        f"({cfg.partition.public_pool_fraction:g} of train), "
                        f"seed {cfg.train.seed}; no site receives them"),
         "epochs": epochs,
+        "augment": augment if augment == "flip" else f"{augment} x{variants}",
         "image_size": cfg.teacher.image_size,
         "val_acc_with_pool_head": val_acc,
     }
     save_teacher_checkpoint(backbone, path, meta)
-    summary = dict(meta, path=str(path), seconds=time.perf_counter() - t0,
-                   reused=False)
     log.info("proxy teacher saved to %s (val acc %.3f)", path, val_acc)
-    return path, summary
+    return path, dict(meta, path=str(path), seconds=time.perf_counter() - t0,
+                      reused=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,11 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--augment", default="flip", choices=AUGMENTS)
+    p.add_argument("--variants", type=int, default=8)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        path, summary = train_proxy(cfg, args.arch, args.epochs)
+        path, summary = train_proxy(cfg, args.arch, args.epochs,
+                                    augment=args.augment, variants=args.variants)
     except FedKDError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -46,6 +46,34 @@ def scanner_profiles(sites: int, seed: int) -> list[ScannerProfile]:
     return out
 
 
+def random_profile(rng: np.random.Generator) -> ScannerProfile:
+    """One acquisition profile at random strengths, wider than the sites' family.
+
+    For augmentation (the proxy teacher), not for sites: gamma e^U(-.6,.6),
+    contrast U(.6, 1.4), blur none or U(.3, 2), noise U(0, 10) grey levels,
+    resampling 1, .75, .5 or .35.
+    """
+    return ScannerProfile(
+        gamma=float(math.exp(rng.uniform(-0.6, 0.6))),
+        contrast=float(rng.uniform(0.6, 1.4)),
+        blur_sigma=float(rng.choice([0.0, rng.uniform(0.3, 2.0)])),
+        noise_std=float(rng.uniform(0.0, 10.0)),
+        resample_factor=float(rng.choice([1.0, 0.75, 0.5, 0.35])),
+        seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def reacquire(
+    images: np.ndarray, rng: np.random.Generator, group: int = 8
+) -> np.ndarray:
+    """`images` re-acquired, each group of `group` under its own random profile."""
+    out = np.empty_like(images)
+    for start in range(0, len(images), group):
+        part = images[start : start + group]
+        out[start : start + group] = apply_profile(part, random_profile(rng))
+    return out
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of NCHW with reflected borders."""
     radius = max(1, int(math.ceil(3 * sigma)))
