@@ -1,17 +1,27 @@
-"""The site's KD gate: how much to follow the teacher this round.
+"""The KD gate: how much to follow the teacher this round.
 
-Each site compares the teacher probe (the head giving this round's soft
-targets) with the global student it just received, on labelled images neither
-trains on (its held-out test part), by balanced ACC. When the teacher is not
-worse, the weight is 1; it falls linearly with the teacher's shortfall and
-reaches `floor` at a shortfall of `margin`. A teacher that knows nothing (a
-random-init backbone) therefore stops pulling the student down once the
-student has overtaken it.
+The teacher probe (the head giving this round's soft targets) and the global
+student just received are compared by balanced ACC on labelled images neither
+trains on (the sites' held-out test parts). When the teacher is not worse, the
+weight is 1; it falls linearly with the teacher's shortfall and reaches
+`floor` at a shortfall of `margin`. A teacher that knows nothing (a random-init
+backbone) therefore stops pulling the student down once the student has
+overtaken it.
+
+A reference that lacks a class cannot judge a teacher that is wrong only on
+that class: balanced ACC over one class is that class's recall. So a site
+judges alone only when its reference holds every class `min_per_class` times
+(`covers_every_class`); otherwise it follows the federation's verdict, which
+the server computes from the per-class counts every site reports
+(`per_class_correct`, summed; `balanced_from_counts`): the union of the
+sites' references holds every class whenever the federation does.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def gate_weight(
@@ -30,4 +40,36 @@ def gate_weight(
     return max(floor, 1.0 - shortfall / margin * (1.0 - floor))
 
 
-__all__ = ["gate_weight"]
+def covers_every_class(
+    labels: np.ndarray, num_classes: int, min_per_class: int
+) -> bool:
+    """Whether a reference holds each of num_classes at least min_per_class times."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return bool(len(counts) == num_classes and counts.min() >= min_per_class)
+
+
+def per_class_correct(
+    labels: np.ndarray, probs: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct predictions per class, items per class) of `probs` on `labels`."""
+    y = np.asarray(labels, dtype=np.int64)
+    hit = np.asarray(probs).argmax(1) == y
+    counts = np.bincount(y, minlength=num_classes)
+    correct = np.bincount(y, weights=hit.astype(np.float64), minlength=num_classes)
+    return correct, counts
+
+
+def balanced_from_counts(correct: np.ndarray, counts: np.ndarray) -> float:
+    """Balanced ACC from summed per-class counts; nan unless every class occurs."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) == 0 or counts.min() <= 0:
+        return math.nan
+    return float(np.mean(np.asarray(correct, dtype=np.float64) / counts))
+
+
+__all__ = [
+    "balanced_from_counts",
+    "covers_every_class",
+    "gate_weight",
+    "per_class_correct",
+]

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +99,25 @@ def test_cosine_schedule_by_round():
     assert rates == sorted(rates, reverse=True)
     const = load_config(None, ["train.lr=0.1", "train.lr_schedule=constant"]).train
     assert round_lr(const, 17, 30) == 0.1
+
+
+def test_gate_counts_sum_over_sites_to_the_pooled_balanced_accuracy():
+    from common.distill.gate import (
+        balanced_from_counts,
+        covers_every_class,
+        per_class_correct,
+    )
+
+    # site A holds only class 0 (3 items, 3 right); site B: class 0 x1 (right),
+    # class 1 x4 (1 right). Pooled: class 0 4/4, class 1 1/4 -> bACC 0.625.
+    a_y, a_p = np.array([0, 0, 0]), np.array([[0.9, 0.1]] * 3)
+    b_y = np.array([0, 1, 1, 1, 1])
+    b_p = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    ca, na = per_class_correct(a_y, a_p, 2)
+    cb, nb = per_class_correct(b_y, b_p, 2)
+    assert ca.tolist() == [3, 0] and na.tolist() == [3, 0]
+    assert balanced_from_counts(ca, na) != balanced_from_counts(ca, na)  # nan
+    assert balanced_from_counts(ca + cb, na + nb) == pytest.approx(0.625)
+    # the one-class site cannot judge alone; the two-class one can at min 1
+    assert not covers_every_class(a_y, 2, 1)
+    assert covers_every_class(b_y, 2, 1) and not covers_every_class(b_y, 2, 2)
