@@ -48,9 +48,9 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common.run_folder import config_from_run_config
 from common.serialization import pack
 from server.federation import handshake, initial_arrays
-from server.run_folder import config_from_run_config
 
 app = ServerApp()
 
@@ -60,11 +60,11 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     count = int(context.run_config.get("messages", 3))
     t0 = time.perf_counter()
-    infos = handshake(grid, cfg, 2)
+    infos, _ = handshake(grid, cfg, 2)  # SiteInfo by site name, names by node
     first = time.perf_counter() - t0
-    dim = max(int(i.get("teacher-feature-dim", 0)) for i in infos)
-    n_cls = len(infos[0]["classes"])
-    arrays = pack(initial_arrays(cfg, n_cls, int(infos[0]["channels"]), dim))
+    dim = max(i.teacher_feature_dim for i in infos)
+    n_cls = len(infos[0].classes)
+    arrays = pack(initial_arrays(cfg, n_cls, infos[0].channels, dim))
     nodes = sorted(grid.get_node_ids())
     times = []
     for _ in range(count):

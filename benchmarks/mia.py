@@ -28,7 +28,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from benchmarks._util import SHARED_NPZ, merge, parser, quick_overrides, table
 from common.config import ExperimentConfig, load_config
-from common.data.sites import build_sites
+from common.data.experiment import dataset_for  # the sites' own decoding
+from common.data.sites import partition_sites
 from common.data.views import to_student_tensor
 from common.model_file import load_model
 from server import history
@@ -57,10 +58,8 @@ def _losses(
 
 def member_sets(cfg: ExperimentConfig, seed: int = 0):
     """(member images, labels), (non-member images, labels), equal counts."""
-    from client.site import dataset_for  # the sites' own decoding and partition
-
     ds = dataset_for(cfg)
-    sites = build_sites(ds, cfg.partition, cfg.train.seed)
+    sites = partition_sites(ds, cfg.partition, cfg.train.seed)
     m_x = np.concatenate([s.train.images for s in sites])
     m_y = np.concatenate([s.train.labels for s in sites])
     n_x, n_y = ds.test.images, ds.test.labels
@@ -94,6 +93,56 @@ def attack(run_dir: Path) -> dict:
     }
 
 
+def _overrides(quick: bool, work: Path, rounds: int, epochs: int) -> list[str]:
+    """The settings every federation of the audit shares."""
+    if quick:
+        base = quick_overrides(work)
+    else:
+        base = [
+            f"data.source=npz:{SHARED_NPZ}",
+            "data.image_size=28",
+            "teacher.image_size=28",
+            "student.arch=fedkd_cnn_small",
+        ]
+    return [
+        *base,
+        "partition.sites=4",
+        "partition.scheme=iid",
+        "distill.alpha=1.0",
+        "teacher.head=local",  # required with DP; the teacher is unused here
+        "train.augment=false",  # augmentation would blur the loss gap measured
+        f"train.local_epochs={epochs}",
+        f"federation.rounds={rounds}",
+        "run.engine=inprocess",
+        f"data.cache_dir={work / 'cache'}",
+    ]
+
+
+def _eps(r: dict) -> str:
+    """The privacy a setting reports, in words."""
+    if r["delta"] is None:
+        return "no DP"
+    e = "n/a" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+    return f"epsilon {e} at delta {r['delta']:g}"
+
+
+def _print_results(results: dict[str, dict]) -> None:
+    """One line per setting: attack AUC and TPR, utility, privacy."""
+    print(
+        table(
+            [
+                (
+                    name,
+                    f"AUC {r['auc']:.3f}, TPR@1%FPR {r['tpr_at_1pct_fpr']:.3f}, global "
+                    f"ACC {r['global_acc']:.3f}, {_eps(r)} ({r['members']} members vs "
+                    "as many held out)",
+                )
+                for name, r in results.items()
+            ]
+        )
+    )
+
+
 def run(
     quick: bool,
     out,
@@ -106,29 +155,9 @@ def run(
     """Train DP off / DP at two noise levels, attack each; merge mia_* into `out`."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    if quick:
-        base = quick_overrides(work)
-    else:
-        base = [
-            f"data.source=npz:{SHARED_NPZ}",
-            "data.image_size=28",
-            "teacher.image_size=28",
-            "student.arch=fedkd_cnn_small",
-        ]
     rounds = rounds or (2 if quick else 20)
     epochs = epochs or (1 if quick else 2)
-    over = [
-        *base,
-        "partition.sites=4",
-        "partition.scheme=iid",
-        "distill.alpha=1.0",
-        "teacher.head=local",  # required with DP; the teacher is unused here
-        "train.augment=false",  # augmentation would blur the loss gap measured
-        f"train.local_epochs={epochs}",
-        f"federation.rounds={rounds}",
-        "run.engine=inprocess",
-        f"data.cache_dir={work / 'cache'}",
-    ]
+    over = _overrides(quick, work, rounds, epochs)
     settings = {"dp_off": []}
     for z in noise:
         settings[f"dp_z{z:g}"] = [
@@ -153,26 +182,7 @@ def run(
         "quick": quick,
     }
     merge(out, "mia", keys, detail)
-
-    def eps(r: dict) -> str:
-        if r["delta"] is None:
-            return "no DP"
-        e = "n/a" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        return f"epsilon {e} at delta {r['delta']:g}"
-
-    print(
-        table(
-            [
-                (
-                    name,
-                    f"AUC {r['auc']:.3f}, TPR@1%FPR {r['tpr_at_1pct_fpr']:.3f}, global "
-                    f"ACC {r['global_acc']:.3f}, {eps(r)} ({r['members']} members vs "
-                    "as many held out)",
-                )
-                for name, r in results.items()
-            ]
-        )
-    )
+    _print_results(results)
     return keys
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks._util import merge, parser, quick_overrides, table, timed_run
-from client import site as site_lib
+from client.site import site_cache, site_seed
 from common.config import load_config
 from common.models.student import create_student
 from common.train import evaluate, train_local
@@ -39,7 +39,7 @@ def _plain(over: list[str], rounds: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     try:
         sites = [
-            site_lib.build_site(cfg, {"partition-id": i, "num-partitions": 4})
+            site_cache.site(cfg, {"partition-id": i, "num-partitions": 4})
             for i in range(4)
         ]
         times = []
@@ -47,7 +47,7 @@ def _plain(over: list[str], rounds: int, threads: int) -> list[float]:
             t = time.perf_counter()
             for s in sites:
                 model = create_student(cfg.student.arch, 2, s.channels)
-                seed = site_lib.site_seed(cfg, rnd, s.name)
+                seed = site_seed(cfg, rnd, s.name)
                 train_local(model, s.train, cfg.train, cfg.distill, seed=seed)
                 evaluate(model, s.test_x, s.test_y)
             times.append(time.perf_counter() - t)

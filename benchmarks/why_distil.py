@@ -25,19 +25,21 @@ def _rate(fn, n: int, repeats: int = 3) -> float:
     return n / best
 
 
-def run(quick: bool, out, work) -> dict:
-    """Measure; merge student_vs_teacher_speedup into `out`."""
-    n = 64 if quick else 256
+def _models(quick: bool) -> tuple[TeacherConfig, str, int]:
+    """The teacher's config, and the student's arch and image side."""
     if quick:
         tcfg = TeacherConfig(
             arch="vit_tiny_patch16_224", weights="random", image_size=32
         )
-        s_arch, s_size = "fedkd_cnn_tiny", 28
-    else:
-        tcfg = TeacherConfig(
-            arch="vit_small_patch14_dinov2.lvd142m", weights="random", image_size=112
-        )
-        s_arch, s_size = "fedkd_cnn_small", 64
+        return tcfg, "fedkd_cnn_tiny", 28
+    tcfg = TeacherConfig(
+        arch="vit_small_patch14_dinov2.lvd142m", weights="random", image_size=112
+    )
+    return tcfg, "fedkd_cnn_small", 64
+
+
+def _test_images(quick: bool, work, image_size: int, n: int):
+    """Up to n test images at the teacher's side."""
     from common.data.sources import load_dataset
 
     # Quick mode reads the small chest X-ray npz (offline); the full run Br35H.
@@ -46,8 +48,37 @@ def run(quick: bool, out, work) -> dict:
         from benchmarks._util import quick_overrides
 
         source = quick_overrides(work)[0].split("=", 1)[1]
-    ds = load_dataset(source, tcfg.image_size, work / "cache")
-    images = ds.test.images[:n]
+    ds = load_dataset(source, image_size, work / "cache")
+    return ds.test.images[:n]
+
+
+def _print_rates(tcfg: TeacherConfig, detail: dict, keys: dict) -> None:
+    """Throughput and size of both models, and the speed-up."""
+    print(
+        table(
+            [
+                (
+                    "teacher",
+                    f"{tcfg.arch} @ {tcfg.image_size}px: "
+                    f"{detail['teacher_img_per_s']:.0f} img/s, "
+                    f"{detail['teacher_params'] / 1e6:.1f} M params",
+                ),
+                (
+                    "student",
+                    f"{detail['student']} @ {detail['student_px']}px: "
+                    f"{detail['student_img_per_s']:.0f} img/s, "
+                    f"{detail['student_params'] / 1e6:.2f} M params",
+                ),
+                ("speed-up", keys["student_vs_teacher_speedup"]),
+            ]
+        )
+    )
+
+
+def run(quick: bool, out, work) -> dict:
+    """Measure; merge student_vs_teacher_speedup into `out`."""
+    tcfg, s_arch, s_size = _models(quick)
+    images = _test_images(quick, work, tcfg.image_size, 64 if quick else 256)
     n = len(images)
     teacher = load_teacher(tcfg)
     print(f"teacher {tcfg.arch}: RANDOM-INIT weights (timing only)", flush=True)
@@ -75,23 +106,7 @@ def run(quick: bool, out, work) -> dict:
         "includes_preprocessing": True,
     }
     merge(out, "why_distil", keys, detail)
-    print(
-        table(
-            [
-                (
-                    "teacher",
-                    f"{tcfg.arch} @ {tcfg.image_size}px: {t_rate:.0f} img/s, "
-                    f"{detail['teacher_params'] / 1e6:.1f} M params",
-                ),
-                (
-                    "student",
-                    f"{s_arch} @ {s_size}px: {s_rate:.0f} img/s, "
-                    f"{detail['student_params'] / 1e6:.2f} M params",
-                ),
-                ("speed-up", keys["student_vs_teacher_speedup"]),
-            ]
-        )
-    )
+    _print_rates(tcfg, detail, keys)
     return keys
 
 

@@ -2,11 +2,12 @@
 
 Each handler unpacks the message, calls plain functions, and packs the reply.
 Only the student (and federated head) arrays and scalar metrics are replied.
+Configs and prepared sites come from `site_cache` (one per process); what a
+site keeps across rounds is in `context.state`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -22,19 +23,27 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import site as site_lib
-from common.config import ExperimentConfig, config_from_yaml_text
+from client.site import (
+    evaluate_round,
+    head_stats,
+    site_cache,
+    site_info,
+    train_round,
+    uses_teacher,
+)
+from common.config import ExperimentConfig
 from common.errors import MessageError
-from common.serialization import EVAL_RECEIVED, EVAL_RECORD, pack
+from common.serialization import (
+    EVAL_RECEIVED,
+    EVAL_RECORD,
+    STATS_RECORD,
+    pack,
+    pack_stats,
+)
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
-
-
-@functools.lru_cache(maxsize=8)
-def _config(text: str) -> ExperimentConfig:
-    return config_from_yaml_text(text)
 
 
 def _unpack(msg: Message) -> tuple[ExperimentConfig, ConfigRecord]:
@@ -43,7 +52,7 @@ def _unpack(msg: Message) -> tuple[ExperimentConfig, ConfigRecord]:
     conf = msg.content["config"]
     if "experiment" not in conf:
         raise MessageError("ConfigRecord 'config' lacks key 'experiment' (config YAML)")
-    cfg = _config(str(conf["experiment"]))
+    cfg = site_cache.config(str(conf["experiment"]))
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     return cfg, conf
@@ -59,9 +68,11 @@ def _arrays(msg: Message) -> ArrayRecord:
 def query(msg: Message, context: Context) -> Message:
     """Handshake: report the site's label space and sizes (no data)."""
     cfg, _ = _unpack(msg)
-    site = site_lib.get_site(cfg, dict(context.node_config))
-    info = site_lib.site_info(cfg, site)
-    content = RecordDict({"site": ConfigRecord({"name": site.name, **info})})
+    site = site_cache.site(cfg, dict(context.node_config))
+    info = site_info(cfg, site)  # the typed contract, sent flat (kebab-case keys)
+    content = RecordDict({"site": ConfigRecord({**info.to_dict()})})
+    if cfg.teacher.head == "closed_form" and uses_teacher(cfg):
+        content[STATS_RECORD] = pack_stats(head_stats(site, info.num_classes))
     return Message(content=content, reply_to=msg)
 
 
@@ -78,13 +89,13 @@ def dp_clipping(msg: Message, ctxt: Context, call_next) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Distil into the global student on this site's data and reply its update."""
     cfg, conf = _unpack(msg)
-    site = site_lib.get_site(cfg, dict(context.node_config))
+    site = site_cache.site(cfg, dict(context.node_config))
     received = None
     if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: before training
-        received = site_lib.evaluate_round(
+        received = evaluate_round(
             cfg, site, _arrays(msg), context.state, int(conf["num-classes"])
         )
-    arrays, metrics = site_lib.train_round(
+    arrays, metrics = train_round(
         cfg,
         site,
         _arrays(msg),
@@ -109,8 +120,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global student (and teacher probe) on the site's test part."""
     cfg, conf = _unpack(msg)
-    site = site_lib.get_site(cfg, dict(context.node_config))
-    metrics = site_lib.evaluate_round(
+    site = site_cache.site(cfg, dict(context.node_config))
+    metrics = evaluate_round(
         cfg, site, _arrays(msg), context.state, num_classes=int(conf["num-classes"])
     )
     content = RecordDict(

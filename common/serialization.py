@@ -53,6 +53,25 @@ def module_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
     }
 
 
+# teacher.head=closed_form: the handshake reply carries the site's ridge
+# statistics (common/models/ridge.py) in this ArrayRecord, in float64: they are
+# summed at the server, and float32 would cost the head its equality with the
+# pooled fit.
+STATS_RECORD = "ridge-stats"
+STATS_PREFIX = "ridge."
+
+
+def pack_stats(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """The ridge statistics as sent: float64 kept, nothing but `ridge.` arrays."""
+    bad = [k for k in arrays if not k.startswith(STATS_PREFIX)]
+    if bad:
+        raise MessageError(
+            f"refusing to send arrays {bad[:3]} as statistics: only "
+            f"'{STATS_PREFIX}' arrays may"
+        )
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
 def pack(arrays: dict[str, np.ndarray], transfer_dtype: str = "float32") -> ArrayRecord:
     """Build an ArrayRecord, casting floating arrays to the wire dtype.
 

@@ -273,10 +273,9 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
         opt.step()
         # .item() is a sync point; cheap on the CPU and keeps the metrics exact.
-        sums["loss"] += loss.item()
-        sums["ce"] += losses["ce"].item()
-        sums["kd"] += losses["kd"].item()
-        sums["feat"] += f_loss.item() if f_loss is not None else 0.0
+        for key, value in (("loss", loss), ("ce", losses["ce"]),
+                           ("kd", losses["kd"]), ("feat", f_loss)):
+            sums[key] += value.item() if value is not None else 0.0
         steps += 1
         seen += len(idx)
     if steps == 0:

@@ -298,30 +298,26 @@ def write_connection(flwr_home: Path, name: str, address: str,
 
 
 # ------------------------------------------------------------------------ CLI
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m deploy.launch",
-        description="Start a Flower SuperLink or SuperNode for FedKD with TLS "
-        "and SuperNode authentication on.",
-    )
-    sub = parser.add_subparsers(dest="role", required=True)
+def _shared_args(p: argparse.ArgumentParser) -> None:
+    """Options both the SuperLink and a SuperNode take."""
+    p.add_argument("--state", type=Path, required=True,
+                   help="state folder (SuperLink DB / FLWR_HOME live here)")
+    p.add_argument("--flwr-home", type=Path, default=None,
+                   help="FLWR_HOME (default: <state>/flwr-home)")
+    p.add_argument("--insecure", action="store_true",
+                   help="disable TLS (refused without "
+                   f"{INSECURE_ACK_FLAG})")
+    p.add_argument(INSECURE_ACK_FLAG, dest="ack_insecure",
+                   action="store_true",
+                   help="really allow --insecure (throwaway tests only)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command instead of running it")
 
-    def shared(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--state", type=Path, required=True,
-                       help="state folder (SuperLink DB / FLWR_HOME live here)")
-        p.add_argument("--flwr-home", type=Path, default=None,
-                       help="FLWR_HOME (default: <state>/flwr-home)")
-        p.add_argument("--insecure", action="store_true",
-                       help="disable TLS (refused without "
-                       f"{INSECURE_ACK_FLAG})")
-        p.add_argument(INSECURE_ACK_FLAG, dest="ack_insecure",
-                       action="store_true",
-                       help="really allow --insecure (throwaway tests only)")
-        p.add_argument("--dry-run", action="store_true",
-                       help="print the command instead of running it")
 
+def _superlink_args(sub) -> None:
+    """The ``superlink`` subcommand."""
     link = sub.add_parser("superlink", help="start the SuperLink")
-    shared(link)
+    _shared_args(link)
     link.add_argument("--creds", type=Path, default=None,
                       help="folder with ca.crt, superlink.crt, superlink.key")
     link.add_argument("--ca", type=Path, default=None)
@@ -334,8 +330,11 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument("--health-address", default=None,
                       help="host:port of a plaintext gRPC health endpoint")
 
+
+def _supernode_args(sub) -> None:
+    """The ``supernode`` subcommand."""
     node = sub.add_parser("supernode", help="start a hospital's SuperNode")
-    shared(node)
+    _shared_args(node)
     node.add_argument("--superlink", required=True, help="SuperLink host:port")
     node.add_argument("--ca", type=Path, default=None, help="federation ca.crt")
     node.add_argument("--key", type=Path, default=None,
@@ -352,6 +351,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--max-retries", type=int, default=None)
     node.add_argument("--max-wait-time", type=float, default=None)
 
+
+def _connection_args(sub) -> None:
+    """The ``connection`` subcommand."""
     conn = sub.add_parser("connection",
                           help="write $FLWR_HOME/config.toml for `flwr run`")
     conn.add_argument("--flwr-home", type=Path, required=True)
@@ -359,6 +361,19 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("--address", required=True, help="SuperLink host:port")
     conn.add_argument("--ca", type=Path, required=True)
     conn.add_argument("--force", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: superlink, supernode and connection subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.launch",
+        description="Start a Flower SuperLink or SuperNode for FedKD with TLS "
+        "and SuperNode authentication on.",
+    )
+    sub = parser.add_subparsers(dest="role", required=True)
+    _superlink_args(sub)
+    _supernode_args(sub)
+    _connection_args(sub)
     return parser
 
 

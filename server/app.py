@@ -7,8 +7,8 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.run_folder import config_from_run_config, prepare_run_dir
 from server.federation import run_federation
-from server.run_folder import config_from_run_config, prepare_run_dir
 
 app = ServerApp()
 

@@ -114,7 +114,10 @@ class GlobalEvaluator:
             tcfg = self.cfg.teacher
             try:
                 feats, _ = cached_features(
-                    tcfg, self.test_images, 1, tcfg.cache_dir,
+                    tcfg,
+                    self.test_images,
+                    1,
+                    tcfg.cache_dir,
                     lambda: load_teacher(tcfg),
                 )
             except FedKDError as err:

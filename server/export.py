@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.predict import collect_inputs
 from common.atomic import atomic_write_bytes
+from common.data.inputs import collect_inputs
 from common.data.views import to_student_tensor
 from common.errors import DataError, FedKDError, ModelError
 from common.model_file import EXPORT_FORMAT, ModelMeta, load_model

@@ -3,14 +3,16 @@
 Flower's strategies supply the sampling and aggregation rules; this loop adds
 what `Strategy.start` lacks for hospitals: resuming from a checkpoint, a
 minimum number of sites per round with retries, a history row and an atomic
-checkpoint per round, and a final model with its card.
+checkpoint per round, and a final model with its card. `run_federation` reads
+top to bottom: handshake, start (or resume), one `_run_round` per round, the
+final evaluation (eval_in_train), `finish`.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from flwr.serverapp import Grid
 
 from common import model_file
 from common.config import ExperimentConfig
-from common.errors import FedKDError
+from common.errors import MessageError
 from common.models.student import count_params, create_student
 from common.serialization import (
     EVAL_RECEIVED,
@@ -31,21 +33,22 @@ from common.serialization import (
     module_arrays,
     pack,
 )
+from common.site_info import SiteInfo
 from server import checkpoint, history, model_card, privacy
 from server.evaluation import GlobalEvaluator
 from server.plots import plot_history
-from server.strategy import (
-    NODE_NAMES,
-    RoundReport,
-    build_strategy,
-    site_eval_means,
+from server.rounds import (
+    FederationError,
+    RoundContext,
+    SeededSampling,
+    evaluate_round,
+    train_round,
 )
+from server.screening import RoundReport, site_name
+from server.strategy import build_strategy, site_eval_means, sites_needed
+from server.teacher_head import read_stats, solve_head, with_head
 
 log = logging.getLogger(__name__)
-
-
-class FederationError(FedKDError):
-    """The federation cannot go on (too few sites, sites that disagree)."""
 
 
 def _config_record(
@@ -57,8 +60,9 @@ def _config_record(
     return rec
 
 
-def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str, Any]]:
-    """Ask every connected site for its label space and sizes; check they agree."""
+# -- handshake -----------------------------------------------------------------
+def _wait_for_sites(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[int]:
+    """The connected node ids once `expected` are; FederationError at the timeout."""
     deadline = time.monotonic() + cfg.federation.round_timeout
     while len(nodes := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -67,22 +71,52 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
                 f"{cfg.federation.round_timeout:g}s; check the SuperNodes"
             )
         time.sleep(0.5)
+    return nodes
+
+
+def _read_site_info(msg: Message) -> SiteInfo:
+    """The SiteInfo of a query reply; MessageError naming the site and key if not."""
+    if "site" not in msg.content.config_records:
+        raise MessageError("the handshake reply has no ConfigRecord 'site'")
+    record = msg.content["site"]
+    return SiteInfo.from_dict(
+        {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
+    )
+
+
+def handshake(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    expected: int,
+    stats: dict[str, Any] | None = None,
+) -> tuple[list[SiteInfo], dict[int, str]]:
+    """(every site's SiteInfo by name, site names by node id); check they agree.
+
+    With teacher.head=closed_form, each site's ridge statistics are put into
+    `stats` by site name.
+    """
+    nodes = _wait_for_sites(grid, cfg, expected)
     content = RecordDict({"config": _config_record(cfg)})
     msgs = [
         Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
     ]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
-    infos, errors = [], []
+    infos, names, errors = [], {}, []
     for msg in replies:
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            errors.append(f"node {node}: {msg.error.reason}")
             continue
-        rec = msg.content["site"]
-        infos.append(
-            {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
-        )
-        NODE_NAMES[msg.metadata.src_node_id] = str(rec.get("name"))
+        try:  # a reply the server cannot read counts as a failed site
+            info = _read_site_info(msg)
+            if stats is not None and _closed_form(cfg, info):
+                stats[info.name] = read_stats(msg, info.name)
+        except MessageError as err:
+            errors.append(f"node {node}: {err}")
+            continue
+        infos.append(info)
+        names[node] = info.name
     for e in errors:
         log.error("site handshake failed: %s", e)
     if len(infos) < cfg.federation.required_sites:
@@ -91,9 +125,14 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int) -> list[dict[str
             f"{len(infos)} sites answered the handshake, federation.min_sites="
             f"{cfg.federation.min_sites}; first failure: {detail}"
         )
-    check_sites_agree(infos)
-    infos.sort(key=lambda i: str(i["name"]))
-    return infos
+    check_sites_agree([i.to_dict() for i in infos])
+    infos.sort(key=lambda i: i.name)
+    return infos, names
+
+
+def _closed_form(cfg: ExperimentConfig, info: SiteInfo) -> bool:
+    """Whether this site's handshake carries ridge statistics for the head."""
+    return cfg.teacher.head == "closed_form" and info.teacher_used
 
 
 def check_sites_agree(infos: list[dict[str, Any]]) -> None:
@@ -135,49 +174,274 @@ def _record_to_dict(rec: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: rec[k].numpy() for k in rec.keys()}
 
 
-def _train_round(
-    strategy,
+# -- the loop's state ----------------------------------------------------------
+@dataclass
+class _Run:
+    """What the federation loop carries from one round to the next."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    infos: list[SiteInfo]  # sorted by site name
+    teacher: dict[str, Any]  # the model card's teacher entry
+    ctx: RoundContext  # grid, strategy, site names, node sampling
+    arrays: ArrayRecord | None = None  # the global model
+    evaluator: GlobalEvaluator | None = None
+    start: int = 1  # the first round to run
+    last: dict[str, Any] = field(default_factory=dict)  # the newest history row
+    # federation.eval_in_train: a round's row waits for its site evaluation,
+    # which the sites send with the next round's train replies
+    pending: dict[str, Any] | None = None
+    # federation.strategy=local: each site's own model, by site name
+    site_models: dict[str, ArrayRecord] = field(default_factory=dict)
+    # teacher.head=closed_form: the sites' ridge statistics, and the head
+    # solved from them, attached to the global model every round
+    head_stats: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, np.ndarray] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        """The label names every site agreed on."""
+        return [str(c) for c in self.infos[0].classes]
+
+    @property
+    def channels(self) -> int:
+        """The image channels every site agreed on."""
+        return int(self.infos[0].channels)
+
+    @property
+    def site_rows(self) -> list[dict[str, Any]]:
+        """The sites' handshake facts as kebab-case rows (checkpoint, model card)."""
+        return [i.to_dict() for i in self.infos]
+
+    @property
+    def history_path(self) -> Path:
+        """The run's history.jsonl."""
+        return self.run_dir / "history.jsonl"
+
+    @property
+    def in_train(self) -> bool:
+        """Whether the sites evaluate with the next round's train message."""
+        fed = self.cfg.federation
+        return fed.eval_in_train and fed.fraction_evaluate > 0
+
+
+# -- start, rounds, finish -------------------------------------------------------
+def run_federation(
     grid: Grid,
     cfg: ExperimentConfig,
-    rnd: int,
-    arrays: ArrayRecord,
-    train_conf: ConfigRecord,
-):
-    """Run one training round, retrying while fewer than min_sites replied."""
-    fed = cfg.federation
-    earlier: list[str] = []  # failures of retried attempts, kept for the history
-    for attempt in range(fed.max_round_retries + 1):
-        # Seed node sampling per (seed, round) so a resumed run samples alike.
-        random.seed(cfg.train.seed * 100_003 + rnd * 101 + attempt)
-        msgs = strategy.configure_train(rnd, arrays, train_conf, grid)
-        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
-        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
-        report = strategy.report
-        ok = report.accepted
-        if new_arrays is not None and ok >= fed.required_sites:
-            report.failed[:0] = earlier
-            return new_arrays, metrics, report, attempt, replies
-        earlier += [
-            f"attempt {attempt + 1}: {f}" for f in report.failed + report.rejected
-        ]
-        log.warning(
-            "round %d attempt %d: %d usable replies < min_sites=%d "
-            "(failed: %s; rejected: %s)",
-            rnd,
-            attempt + 1,
-            ok,
-            fed.min_sites,
-            report.failed,
-            report.rejected,
-        )
-    raise FederationError(
-        f"round {rnd}: fewer than federation.min_sites={fed.min_sites} sites returned "
-        f"a usable update after {fed.max_round_retries + 1} attempts; failures: "
-        f"{(report.failed + report.rejected)[:3]}"
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    expected_sites: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the whole federation; return the final metrics."""
+    expected = expected_sites or cfg.federation.required_sites
+    stats: dict[str, Any] = {}
+    infos, names = handshake(grid, cfg, expected, stats)
+    run = _start(grid, cfg, Path(run_dir), infos, names)
+    if stats:  # solved from the sites of this (re)start
+        run.head = solve_head(cfg, stats, run.classes)
+    if resume:
+        _resume(run)
+    else:
+        _begin(run)
+    run.evaluator = GlobalEvaluator.maybe(cfg, run.classes)
+    for rnd in range(run.start, cfg.federation.rounds + 1):
+        _run_round(run, rnd)
+    if run.pending is not None:
+        _evaluate_final(run)
+    return finish(
+        run.run_dir,
+        cfg,
+        run.arrays,
+        run.site_rows,
+        run.classes,
+        run.channels,
+        run.teacher,
+        run.last,
     )
 
 
-def _received_eval(replies: list[Message]) -> tuple[dict[str, Any], dict]:
+def _start(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    infos: list[SiteInfo],
+    names: dict[int, str],
+) -> _Run:
+    """The loop's state before any round: teacher entry, strategy, sampling."""
+    rows = [i.to_dict() for i in infos]
+    teacher = {
+        "arch": cfg.teacher.arch if infos[0].teacher_used else None,
+        "weights_source": model_card.teacher_source(cfg, rows),
+        "weights_spec": cfg.teacher.weights,
+        "image_size": cfg.teacher.image_size,
+        "head": cfg.teacher.head,
+    }
+    if teacher["weights_source"] == "random":
+        log.warning(model_card.RANDOM_BANNER)
+    strategy = build_strategy(cfg, len(infos))
+    needed = sites_needed(cfg, len(infos))
+    ctx = RoundContext(cfg, grid, strategy, names, needed, SeededSampling())
+    return _Run(cfg, run_dir, infos, teacher, ctx)
+
+
+def _begin(run: _Run) -> None:
+    """A new run: the seeded initial model, saved as checkpoint 0."""
+    feature_dim = max(i.teacher_feature_dim for i in run.infos)
+    arrays = initial_arrays(run.cfg, len(run.classes), run.channels, feature_dim)
+    run.arrays = with_head(pack(arrays), run.head)
+    checkpoint.save_checkpoint(
+        run.run_dir,
+        0,
+        _record_to_dict(run.arrays),
+        {"config_yaml": run.cfg.to_yaml(), "sites": run.site_rows},
+    )
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the last checkpoint: model, server optimiser, DP releases."""
+    cfg, strategy = run.cfg, run.ctx.strategy
+    if cfg.federation.strategy == "local":
+        # Each site's own model lives only in its process (context.state);
+        # the checkpoint holds an average nobody trains from.
+        raise FederationError(
+            f"cannot resume {run.run_dir}: with federation.strategy=local each "
+            "site's model is kept only in its process; start the run again"
+        )
+    ckpt = checkpoint.load_checkpoint(run.run_dir)
+    # a closed-form head is solved again from the sites that answered now
+    run.arrays = with_head(pack(ckpt["arrays"]), run.head)
+    run.start = int(ckpt["round"]) + 1
+    # A run killed after its last round but before `finish` has no round
+    # left to run; its card still needs that round's metrics.
+    run.last = dict(ckpt.get("last_row") or {})
+    if cfg.privacy.dp:  # the accountant continues from the releases so far
+        strategy.releases = int((run.last.get("privacy") or {}).get("releases", 0))
+    _inner(strategy).load_optimizer_state(ckpt.get("optimizer_state") or {})
+    if run.in_train and run.last:
+        # The checkpoint's row still waits for its site evaluation, which
+        # comes with the next round's train replies (or the final evaluate).
+        run.pending = run.last
+    keep = int(ckpt["round"]) - (1 if run.pending else 0)
+    history.truncate_to_round(run.history_path, keep)
+    log.info("resuming %s after round %d", run.run_dir, ckpt["round"])
+
+
+def _run_round(run: _Run, rnd: int) -> None:
+    """Train round `rnd`, evaluate it when due, record it and checkpoint it."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    trained = train_round(run.ctx, rnd, run.arrays, _train_config(run, rnd))
+    t_train = time.perf_counter() - t0
+    run.arrays = with_head(trained.arrays, run.head)
+    if cfg.federation.strategy == "local":  # every site keeps its own model
+        run.site_models = {
+            site_name(m, run.ctx.names): m.content["arrays"] for m in trained.accepted
+        }
+    _log_trained(run, rnd, trained.report, t_train)
+    if run.pending is not None:  # the previous row's site evaluation came along
+        _fill_eval(run.pending, *_received_eval(trained.replies, run.ctx.names))
+        history.append_row(run.history_path, run.pending)
+        _log_row(cfg, run.pending)
+        run.pending = None
+    evaluated = _evaluate(run, rnd, trained.report)
+    row = {
+        "round": rnd,
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": t_train,
+        "retries": trained.retries,
+        "train": dict(trained.metrics or {}),
+        **evaluated,
+        **_report_fields(trained.report),
+        "teacher_weights": run.teacher["weights_source"],
+    }
+    if cfg.privacy.dp:
+        # (epsilon, delta) so far, from dp-accounting (server/privacy.py)
+        strategy = run.ctx.strategy
+        row["privacy"] = privacy.privacy_spent(
+            cfg, strategy.releases, strategy.num_sampled_clients
+        ).as_dict()
+    if run.in_train:
+        run.pending = row
+    else:
+        history.append_row(run.history_path, row)
+    _save(run, rnd, row)
+    run.last = row
+    if not run.in_train:
+        _log_row(cfg, row)
+
+
+def _train_config(run: _Run, rnd: int) -> ConfigRecord:
+    """The round's train config; with eval_in_train, whether to evaluate first."""
+    conf = _config_record(run.cfg, len(run.classes))
+    if run.in_train:  # ask the sites to evaluate what they receive (round rnd-1)
+        conf[EVAL_RECEIVED] = run.pending is not None and eval_due(run.cfg, rnd - 1)
+    return conf
+
+
+def _evaluate(run: _Run, rnd: int, report: RoundReport) -> dict[str, dict]:
+    """The row's `eval`, `global` and `global_val` entries (when round is due)."""
+    out: dict[str, dict] = {"eval": {}, "global": {}, "global_val": {}}
+    if not eval_due(run.cfg, rnd):
+        return out
+    if run.cfg.federation.fraction_evaluate > 0 and not run.in_train:
+        conf = _config_record(run.cfg, len(run.classes))
+        metrics, evaluated = evaluate_round(run.ctx, rnd, run.arrays, conf)
+        out["eval"] = dict(metrics)
+        report.add(evaluated)
+    if run.evaluator:
+        out["global"], out["global_val"] = _global_eval(
+            run.cfg, run.evaluator, run.arrays, run.site_models
+        )
+    return out
+
+
+def _report_fields(report: RoundReport) -> dict[str, Any]:
+    """The history row's entries from a round's report."""
+    return {
+        "sites": report.sites,
+        "failed": report.failed,
+        "rejected": report.rejected,
+        "bytes_down": report.bytes_down,
+        "bytes_up": report.bytes_up,
+    }
+
+
+def _save(run: _Run, rnd: int, row: dict[str, Any]) -> None:
+    """Checkpoint round `rnd`: model, config, sites, its row, optimiser state."""
+    checkpoint.save_checkpoint(
+        run.run_dir,
+        rnd,
+        _record_to_dict(run.arrays),
+        {
+            "config_yaml": run.cfg.to_yaml(),
+            "sites": run.site_rows,
+            "last_row": row,
+            "optimizer_state": _inner(run.ctx.strategy).optimizer_state(),
+        },
+    )
+
+
+def _evaluate_final(run: _Run) -> None:
+    """eval_in_train: the final model's site evaluation, one message per site."""
+    rounds, pending = run.cfg.federation.rounds, run.pending
+    conf = _config_record(run.cfg, len(run.classes))
+    metrics, report = evaluate_round(run.ctx, rounds, run.arrays, conf)
+    pending["eval"] = dict(metrics)
+    for name, values in report.sites.items():
+        pending["sites"].setdefault(name, {}).update(values)
+    pending["failed"] = list(pending["failed"]) + report.failed
+    pending["rejected"] = list(pending["rejected"]) + report.rejected
+    history.append_row(run.history_path, pending)
+    _log_row(run.cfg, pending)
+    run.last, run.pending = pending, None
+
+
+# -- rows and logs ---------------------------------------------------------------
+def _received_eval(
+    replies: list[Message], names: dict[int, str]
+) -> tuple[dict[str, Any], dict]:
     """(site-mean metrics, per-site `eval/` rows) of the model the sites received.
 
     With federation.eval_in_train each train reply carries them in EVAL_RECORD.
@@ -186,8 +450,9 @@ def _received_eval(replies: list[Message]) -> tuple[dict[str, Any], dict]:
     for msg in replies:
         if msg.has_error() or EVAL_RECORD not in msg.content.config_records:
             continue
-        name = str(msg.content["site"].get("name", msg.metadata.src_node_id))
-        rows[name] = {k: float(v) for k, v in msg.content[EVAL_RECORD].items()}
+        rows[site_name(msg, names)] = {
+            k: float(v) for k, v in msg.content[EVAL_RECORD].items()
+        }
     sites = {n: {f"eval/{k}": v for k, v in r.items()} for n, r in rows.items()}
     return site_eval_means(rows), sites
 
@@ -197,6 +462,19 @@ def _fill_eval(row: dict[str, Any], eval_metrics: dict, sites: dict) -> None:
     row["eval"] = dict(eval_metrics or {})
     for name, values in sites.items():
         row["sites"].setdefault(name, {}).update(values)
+
+
+def _log_trained(run: _Run, rnd: int, report: RoundReport, seconds: float) -> None:
+    """One line per trained round (INFO with eval_in_train, whose row comes later)."""
+    log.log(
+        logging.INFO if run.in_train else logging.DEBUG,
+        "round %d/%d trained: %d of %d sites replied (%.1fs)",
+        rnd,
+        run.cfg.federation.rounds,
+        report.accepted,
+        report.sampled,
+        seconds,
+    )
 
 
 def _log_row(cfg: ExperimentConfig, row: dict[str, Any]) -> None:
@@ -230,7 +508,7 @@ def eval_due(cfg: ExperimentConfig, rnd: int) -> bool:
 
 
 def _inner(strategy):
-    """The screened Flower strategy under an optional DP wrapper."""
+    """The Flower strategy under an optional DP wrapper."""
     return getattr(strategy, "strategy", strategy)
 
 
@@ -260,171 +538,6 @@ def _global_eval(
     if per_site:
         out["per_site"] = {n: r.get("acc") for n, r in per_site.items()}
     return out, mean(per_val)
-
-
-def run_federation(
-    grid: Grid,
-    cfg: ExperimentConfig,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    expected_sites: int | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) the whole federation; return the final metrics."""
-    run_dir = Path(run_dir)
-    hist_path = run_dir / "history.jsonl"
-    expected = expected_sites or cfg.federation.required_sites
-    infos = handshake(grid, cfg, expected)
-    classes = [str(c) for c in infos[0]["classes"]]
-    channels = int(infos[0]["channels"])
-    feature_dim = int(max(i.get("teacher-feature-dim", 0) for i in infos))
-    teacher = {
-        "arch": cfg.teacher.arch if infos[0].get("teacher-used") else None,
-        "weights_source": model_card.teacher_source(cfg, infos),
-        "weights_spec": cfg.teacher.weights,
-        "image_size": cfg.teacher.image_size,
-        "head": cfg.teacher.head,
-    }
-    if teacher["weights_source"] == "random":
-        log.warning(model_card.RANDOM_BANNER)
-    strategy = build_strategy(cfg, len(infos))
-    start = 1
-    last: dict[str, Any] = {}
-    # federation.eval_in_train: a round's row waits for its site evaluation,
-    # which the sites send with the next round's train replies.
-    in_train = cfg.federation.eval_in_train and cfg.federation.fraction_evaluate > 0
-    pending: dict[str, Any] | None = None
-    if resume:
-        if cfg.federation.strategy == "local":
-            # Each site's own model lives only in its process (context.state);
-            # the checkpoint holds an average nobody trains from.
-            raise FederationError(
-                f"cannot resume {run_dir}: with federation.strategy=local each "
-                "site's model is kept only in its process; start the run again"
-            )
-        ckpt = checkpoint.load_checkpoint(run_dir)
-        arrays = pack(ckpt["arrays"])
-        start = int(ckpt["round"]) + 1
-        # A run killed after its last round but before `finish` has no round
-        # left to run; its card still needs that round's metrics.
-        last = dict(ckpt.get("last_row") or {})
-        if cfg.privacy.dp:  # the accountant continues from the releases so far
-            strategy.releases = int((last.get("privacy") or {}).get("releases", 0))
-        _inner(strategy).load_optimizer_state(ckpt.get("optimizer_state") or {})
-        if in_train and last:
-            # The checkpoint's row still waits for its site evaluation, which
-            # comes with the next round's train replies (or the final evaluate).
-            pending = last
-        history.truncate_to_round(
-            hist_path, int(ckpt["round"]) - (1 if pending else 0)
-        )
-        log.info("resuming %s after round %d", run_dir, ckpt["round"])
-    else:
-        arrays = pack(initial_arrays(cfg, len(classes), channels, feature_dim))
-        checkpoint.save_checkpoint(
-            run_dir,
-            0,
-            _record_to_dict(arrays),
-            {"config_yaml": cfg.to_yaml(), "sites": infos},
-        )
-    evaluator = GlobalEvaluator.maybe(cfg, classes)
-    train_conf = _config_record(cfg, len(classes))
-    eval_conf = _config_record(cfg, len(classes))
-    for rnd in range(start, cfg.federation.rounds + 1):
-        t0 = time.perf_counter()
-        if in_train:  # ask the sites to evaluate what they receive (round rnd-1)
-            train_conf = _config_record(cfg, len(classes))
-            train_conf[EVAL_RECEIVED] = pending is not None and eval_due(cfg, rnd - 1)
-        arrays, train_metrics, report, retries, replies = _train_round(
-            strategy, grid, cfg, rnd, arrays, train_conf
-        )
-        t_train = time.perf_counter() - t0
-        # With eval_in_train the round's accuracy line comes a round later.
-        log.log(
-            logging.INFO if in_train else logging.DEBUG,
-            "round %d/%d trained: %d of %d sites replied (%.1fs)",
-            rnd,
-            cfg.federation.rounds,
-            report.accepted,
-            report.sampled,
-            t_train,
-        )
-        if pending is not None:
-            _fill_eval(pending, *_received_eval(replies))
-            history.append_row(hist_path, pending)
-            _log_row(cfg, pending)
-            pending = None
-        eval_metrics = None
-        global_metrics: dict[str, Any] = {}
-        val_metrics: dict[str, Any] = {}
-        if eval_due(cfg, rnd):
-            if cfg.federation.fraction_evaluate > 0 and not in_train:
-                msgs = strategy.configure_evaluate(rnd, arrays, eval_conf, grid)
-                replies = grid.send_and_receive(
-                    msgs, timeout=cfg.federation.round_timeout
-                )
-                eval_metrics = strategy.aggregate_evaluate(rnd, replies)
-            if evaluator:
-                global_metrics, val_metrics = _global_eval(
-                    cfg, evaluator, arrays, _inner(strategy).site_models
-                )
-        row = {
-            "round": rnd,
-            "seconds": time.perf_counter() - t0,
-            "train_seconds": t_train,
-            "retries": retries,
-            "train": dict(train_metrics or {}),
-            "eval": dict(eval_metrics or {}),
-            "global": global_metrics,
-            "global_val": val_metrics,
-            "sites": report.sites,
-            "failed": report.failed,
-            "rejected": report.rejected,
-            "bytes_down": report.bytes_down,
-            "bytes_up": report.bytes_up,
-            "teacher_weights": teacher["weights_source"],
-        }
-        if cfg.privacy.dp:
-            # (epsilon, delta) so far, from dp-accounting (server/privacy.py)
-            row["privacy"] = privacy.privacy_spent(
-                cfg, strategy.releases, strategy.num_sampled_clients
-            ).as_dict()
-        if in_train:
-            pending = row
-        else:
-            history.append_row(hist_path, row)
-        checkpoint.save_checkpoint(
-            run_dir,
-            rnd,
-            _record_to_dict(arrays),
-            {
-                "config_yaml": cfg.to_yaml(),
-                "sites": infos,
-                "last_row": row,
-                "optimizer_state": _inner(strategy).optimizer_state(),
-            },
-        )
-        last = row
-        if not in_train:
-            _log_row(cfg, row)
-    if pending is not None:  # the final model: one evaluate message per site
-        msgs = strategy.configure_evaluate(
-            cfg.federation.rounds, arrays, eval_conf, grid
-        )
-        replies = grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout)
-        inner = _inner(strategy)
-        inner.report = RoundReport()  # collects this evaluation only
-        pending["eval"] = dict(
-            strategy.aggregate_evaluate(cfg.federation.rounds, replies) or {}
-        )
-        for name, values in inner.report.sites.items():
-            pending["sites"].setdefault(name, {}).update(values)
-        pending["failed"] = list(pending["failed"]) + inner.report.failed
-        pending["rejected"] = list(pending["rejected"]) + inner.report.rejected
-        history.append_row(hist_path, pending)
-        _log_row(cfg, pending)
-        last = pending
-    return finish(run_dir, cfg, arrays, infos, classes, channels, teacher, last)
 
 
 def finish(

@@ -117,13 +117,21 @@ def _dp_entry(cfg: ExperimentConfig, privacy: dict[str, Any] | None) -> dict:
 def _shared(cfg: ExperimentConfig, site_infos: list[dict]) -> dict[str, Any]:
     """What every site sent the server besides model updates and scalar metrics."""
     keys = sorted({k for s in site_infos for k in s})
-    return {
+    out = {
         "handshake_keys": keys,
         "class_counts": "class-counts" in keys,
         "per_round": "student update (and head/projection when federated), "
         "train/eval scalar metrics",
         "secure_aggregation": False,
     }
+    if cfg.teacher.head == "closed_form":
+        out["teacher_head_statistics"] = (
+            "once, in the handshake: per-class counts, per-class sums and Gram "
+            "matrices of the labelled teacher features (closed-form head; they "
+            "reveal each class's count, feature mean and feature covariance at "
+            "the site, never an image or one image's features)"
+        )
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -224,7 +232,12 @@ def _shared_line(shared: dict[str, Any] | None) -> str:
         else "per-class training counts **not shared**"
     )
     keys = ", ".join(f"`{k}`" for k in shared.get("handshake_keys", []))
-    return f"{counts}; handshake keys: {keys}; each round: {shared.get('per_round')}"
+    stats = shared.get("teacher_head_statistics")
+    extra = f"; teacher-head statistics: {stats}" if stats else ""
+    return (
+        f"{counts}; handshake keys: {keys}; each round: "
+        f"{shared.get('per_round')}{extra}"
+    )
 
 
 def write_card(final_dir: Path, card: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ sensitivity to adding or removing one site is C. Every aggregate the server
 computes counts as a release, retried attempts included.
 
 Sampling is *not* credited: Flower samples a fixed number of sites without
-replacement from a seeded RNG (`server.federation._train_round` seeds it from
+replacement from a seeded RNG (`server.rounds.train_round` seeds it from
 `train.seed`, which is in the config and the model card) and the history names
 the sites of every round, so the sample is not secret from a reader of the
 run's outputs. Amplification by subsampling needs a secret sample; without it a

@@ -1,19 +1,19 @@
-"""Flower strategies, wrapped so that every reply is checked before aggregation.
+"""Flower strategies with what a hospital federation adds around their rules.
 
 The aggregation rules themselves are Flower's (FedAvg, FedProx, FedMedian,
-FedTrimmedAvg, Krum). `SafeAggregation` adds what a hospital federation needs
-on top: the wire dtype, rejection of failed, malformed, non-finite and
-outlier updates (recorded, never silent), and evaluation metrics averaged over
-the sites that could compute them.
+FedTrimmedAvg, Krum, the server optimisers) and FedExP (`server.fedexp`).
+`SafeAggregation` adds the wire dtype on the way out, integer buffers kept
+integer on the way back, the server optimiser's bookkeeping, and the DP mean.
+Replies reach `aggregate_train` already screened (`server.screening.screen`);
+evaluation metrics are averaged by `site_eval_means` over the sites that could
+compute them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -31,71 +31,21 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import ExperimentConfig
-from common.serialization import (
-    ALLOWED_PREFIXES,
-    pack,
-    restore_int_dtypes,
-    to_float32,
-)
+from common.serialization import pack, restore_int_dtypes
 from server.fedexp import FedExP
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RoundReport:
-    """What happened to the replies of one round (written into the history)."""
-
-    sampled: int = 0
-    received: int = 0
-    # replies that passed screening and went into the aggregate
-    accepted: int = 0
-    failed: list[str] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)
-    sites: dict[str, dict[str, float]] = field(default_factory=dict)
-    bytes_down: int = 0
-    bytes_up: int = 0
-
-
-# Site names by node id, learnt from the handshake (failed replies carry none).
-NODE_NAMES: dict[int, str] = {}
-
-
-def _site_name(msg: Message) -> str:
-    if not msg.has_error() and "site" in msg.content.config_records:
-        return str(msg.content["site"].get("name", msg.metadata.src_node_id))
-    node = msg.metadata.src_node_id
-    return NODE_NAMES.get(node, f"node-{node}")
-
-
-def _reason(msg: Message) -> str:
-    """The first line of a failed reply's reason (tracebacks stay in the log)."""
-    return (msg.error.reason or "no reason given").strip().splitlines()[0]
-
-
-def _finite(record: ArrayRecord) -> bool:
-    return all(
-        np.isfinite(record[k].numpy()).all()
-        for k in record.keys()
-        if np.issubdtype(record[k].numpy().dtype, np.floating)
-    )
-
-
-def _update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
-    total = 0.0
-    for k in record.keys():
-        a = record[k].numpy()
-        if np.issubdtype(a.dtype, np.floating) and k in reference:
-            d = a.astype(np.float64) - reference[k].numpy().astype(np.float64)
-            total += float((d * d).sum())
-    return math.sqrt(total)
+def sites_needed(cfg: ExperimentConfig, num_sites: int) -> int:
+    """Sites that must be connected (and reply) for a round to count."""
+    return min(cfg.federation.required_sites, num_sites)
 
 
 def dp_sample_size(cfg: ExperimentConfig, num_sites: int) -> int:
     """Sites Flower's FedAvg samples per round (its own formula); the DP denominator."""
-    fed = cfg.federation
-    need = min(fed.required_sites, num_sites)
-    return max(int(num_sites * fed.fraction_train), need, 1)
+    need = sites_needed(cfg, num_sites)
+    return max(int(num_sites * cfg.federation.fraction_train), need, 1)
 
 
 def uniform_dp_supported(cfg: ExperimentConfig) -> bool:
@@ -134,191 +84,46 @@ def uniform_clipped_mean(
     )
 
 
-class _Snapshot:
-    """A Grid whose node list is fixed, so Flower's sampling sees what we checked."""
-
-    def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        self._grid, self._nodes = grid, nodes
-
-    def get_node_ids(self) -> list[int]:
-        """The node ids connected when the round was configured."""
-        return list(self._nodes)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-
 class SafeAggregation:
-    """Mixin over a Flower strategy: validate, record and dtype-convert replies."""
+    """Mixin over a Flower strategy: wire dtype out, screened replies aggregated."""
 
     def setup_safety(self, cfg: ExperimentConfig) -> None:
         """Store the knobs this mixin needs (called once after construction)."""
         self.cfg = cfg
-        self.report = RoundReport()
+        # the float32 global model of the round being configured (not the wire copy)
         self._reference: ArrayRecord | None = None
-        # node ids each phase asked; a node missing from the replies timed out
-        self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}
-        # set by ClientSideDP, which screens before Flower's DP wrapper sees errors
-        self.prescreened = False
-        # with federation.strategy=local: each site's own model, by site name,
-        # for the server's global-test score of the local method
-        self.site_models: dict[str, ArrayRecord] = {}
-
-    def _note_missing(self, phase: str, replies: list[Message]) -> None:
-        """Record every asked site that sent nothing back before the timeout."""
-        replied = {m.metadata.src_node_id for m in replies}
-        suffix = "" if phase == "train" else f" ({phase})"
-        for node in self._asked[phase]:
-            if node not in replied:
-                name = NODE_NAMES.get(node, f"node-{node}")
-                self.report.failed.append(
-                    f"{name}{suffix}: no reply within federation.round_timeout="
-                    f"{self.cfg.federation.round_timeout:g}s"
-                )
-                log.warning("site %s sent no %s reply in time", name, phase)
-
-    def _connected_nodes(self, grid: Grid, needed: int, phase: str) -> list[int]:
-        """Connected node ids once `needed` are online, or [] after round_timeout.
-
-        Flower's `sample_nodes` polls without a deadline until its minimum is
-        connected, so a site lost for good would hang the server. Waiting here
-        first turns it into a recorded failure (and a retried round).
-        """
-        timeout = self.cfg.federation.round_timeout
-        deadline = time.monotonic() + timeout
-        while len(nodes := list(grid.get_node_ids())) < needed:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                suffix = "" if phase == "train" else f" ({phase})"
-                self.report.failed.append(
-                    f"server{suffix}: only {len(nodes)} of the {needed} sites "
-                    f"needed were connected within federation.round_timeout="
-                    f"{timeout:g}s"
-                )
-                log.warning(
-                    "%s: only %d of %d sites connected", phase, len(nodes), needed
-                )
-                return []
-            time.sleep(min(1.0, left))
-        return nodes
+        # privacy.dp with a plain-mean rule: m of `uniform_clipped_mean`, else 0
+        self.dp_denominator = 0
 
     # -- train ---------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global model in the wire dtype and remember it for checks."""
-        self.report = RoundReport()
+        """Send the global model in the wire dtype and keep it as the reference."""
         self._reference = arrays
         wire = pack(
             {k: arrays[k].numpy() for k in arrays.keys()},
             self.cfg.federation.transfer_dtype,
         )
-        nodes = self._connected_nodes(
-            grid, max(self.min_available_nodes, self.min_train_nodes), "train"
-        )
-        if not nodes:
-            self._asked["train"] = []
-            return []
-        messages = list(
-            super().configure_train(server_round, wire, config, _Snapshot(grid, nodes))
-        )
+        messages = list(super().configure_train(server_round, wire, config, grid))
         self._track_server_model(arrays)
-        self.report.sampled = len(messages)
-        self._asked["train"] = [m.metadata.dst_node_id for m in messages]
-        self.report.bytes_down = sum(len(wire[k].data) for k in wire.keys()) * len(
-            messages
-        )
         return messages
-
-    def screen_train_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Drop failed, malformed, non-finite or outlying replies; record why."""
-        replies = list(replies)
-        self.report.received = len(replies)
-        self._note_missing("train", replies)
-        good: list[Message] = []
-        for msg in replies:
-            name = _site_name(msg)
-            if msg.has_error():
-                self.report.failed.append(f"{name}: {_reason(msg)}")
-                log.warning("site %s failed this round: %s", name, msg.error.reason)
-                continue
-            content = msg.content
-            if (
-                "arrays" not in content.array_records
-                or len(content.metric_records) != 1
-            ):
-                self.report.rejected.append(f"{name}: malformed reply")
-                log.warning("rejected reply of %s: no arrays/metrics", name)
-                continue
-            bad = [
-                k
-                for k in content["arrays"].keys()
-                if not k.startswith(ALLOWED_PREFIXES)
-            ]
-            if bad:
-                self.report.rejected.append(f"{name}: forbidden arrays {bad[:3]}")
-                log.warning("rejected reply of %s: forbidden arrays %s", name, bad[:3])
-                continue
-            if not _finite(content["arrays"]):
-                self.report.rejected.append(f"{name}: non-finite weights")
-                log.warning("rejected reply of %s: NaN/Inf weights", name)
-                continue
-            self.report.bytes_up += sum(
-                len(content["arrays"][k].data) for k in content["arrays"].keys()
-            )
-            content["arrays"] = to_float32(content["arrays"])
-            good.append(msg)
-        return self._drop_outliers(good)
-
-    def _drop_outliers(self, replies: list[Message]) -> list[Message]:
-        factor = self.cfg.federation.norm_outlier_factor
-        if factor <= 0 or len(replies) < 3 or self._reference is None:
-            return replies
-        if getattr(self, "dp_denominator", 0):
-            # A median-relative cut lets one site's update decide whether another
-            # site counts, which breaks the DP sensitivity bound; clipping already
-            # bounds every update (server.privacy).
-            return replies
-        ref = to_float32(self._reference)
-        norms = [_update_norm(m.content["arrays"], ref) for m in replies]
-        median = float(np.median(norms))
-        keep = []
-        for msg, norm in zip(replies, norms, strict=True):
-            if median > 0 and norm > factor * median:
-                name = _site_name(msg)
-                self.report.rejected.append(
-                    f"{name}: update norm {norm:.3g} > {factor:g} x median {median:.3g}"
-                )
-                log.warning(
-                    "rejected outlier update of %s (norm %.3g, median %.3g)",
-                    name,
-                    norm,
-                    median,
-                )
-            else:
-                keep.append(msg)
-        return keep
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the screened replies with the wrapped Flower rule."""
-        good = list(replies) if self.prescreened else self.screen_train_replies(replies)
-        self.report.accepted = len(good)
-        for msg in good:
-            self.report.sites.setdefault(_site_name(msg), {}).update(
-                {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
-            )
-        if self.cfg.federation.strategy == "local":
-            self.site_models = {_site_name(m): m.content["arrays"] for m in good}
+        """Aggregate replies `server.screening.screen` accepted, by the Flower rule."""
+        good = list(replies)
         if not good:
             return None, None
         self._align_server_model(good)
         arrays, metrics = super().aggregate_train(server_round, good)
-        if arrays is not None and getattr(self, "dp_denominator", 0):
+        if arrays is not None and self.dp_denominator:
             # DP: uniform weights, fixed denominator (what server.privacy accounts)
             arrays = uniform_clipped_mean(
-                good, self._reference, self.cfg.privacy.clipping_norm,
+                good,
+                self._reference,
+                self.cfg.privacy.clipping_norm,
                 self.dp_denominator,
             )
         if arrays is not None and self._reference is not None:
@@ -379,54 +184,6 @@ class SafeAggregation:
         for key, value in (state or {}).items():
             setattr(self, key, value)
 
-    # -- evaluate ------------------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower's sampling; remember whom we asked, to name the silent ones."""
-        nodes = self._connected_nodes(
-            grid, max(self.min_available_nodes, self.min_evaluate_nodes), "evaluate"
-        )
-        if not nodes:
-            self._asked["evaluate"] = []
-            return []
-        messages = list(
-            super().configure_evaluate(
-                server_round, arrays, config, _Snapshot(grid, nodes)
-            )
-        )
-        self._asked["evaluate"] = [m.metadata.dst_node_id for m in messages]
-        return messages
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Example-weighted means over the sites that reported each metric."""
-        rows: dict[str, dict[str, float]] = {}
-        replies = list(replies)
-        self._note_missing("evaluate", replies)
-        for msg in replies:
-            name = _site_name(msg)
-            if msg.has_error():
-                self.report.failed.append(f"{name} (evaluate): {_reason(msg)}")
-                continue
-            if len(msg.content.metric_records) != 1:
-                # screened like train replies: a malformed reply is recorded, and
-                # never reaches next(iter(...)) below
-                self.report.rejected.append(
-                    f"{name} (evaluate): malformed reply "
-                    f"({len(msg.content.metric_records)} metric records, expected 1)"
-                )
-                log.warning("rejected evaluate reply of %s: no metrics", name)
-                continue
-            metrics = next(iter(msg.content.metric_records.values()))
-            rows[name] = {k: float(v) for k, v in metrics.items()}
-            self.report.sites.setdefault(name, {}).update(
-                {f"eval/{k}": v for k, v in rows[name].items()}
-            )
-        out = site_eval_means(rows)
-        return MetricRecord(out) if out else None
-
 
 def site_eval_means(rows: dict[str, dict[str, float]]) -> dict[str, float]:
     """Example-weighted means over the sites that reported each metric.
@@ -466,26 +223,28 @@ _BASES = {
 }
 
 
-def build_strategy(cfg: ExperimentConfig, num_sites: int):
-    """The configured Flower strategy with reply screening mixed in."""
+def _rule_kwargs(cfg: ExperimentConfig, num_sites: int) -> dict:
+    """The Flower strategy's constructor arguments for federation.strategy."""
     fed = cfg.federation
-    base = _BASES[fed.strategy]
+    need = sites_needed(cfg, num_sites)
     kwargs = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=min(fed.required_sites, num_sites),
-        min_evaluate_nodes=min(fed.required_sites, num_sites)
-        if fed.fraction_evaluate
-        else 0,
-        min_available_nodes=min(fed.required_sites, num_sites),
+        min_train_nodes=need,
+        min_evaluate_nodes=need if fed.fraction_evaluate else 0,
+        min_available_nodes=need,
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
         if int(fed.trim_beta * num_sites) == 0:
-            log.warning("federation.trim_beta=%g trims no site out of %d; raise it to "
-                        ">= %.2f", fed.trim_beta, num_sites, 1 / num_sites)
+            log.warning(
+                "federation.trim_beta=%g trims no site out of %d; raise it to >= %.2f",
+                fed.trim_beta,
+                num_sites,
+                1 / num_sites,
+            )
     elif fed.strategy == "fedavgm":
         kwargs["server_learning_rate"] = fed.server_lr
         kwargs["server_momentum"] = fed.server_momentum
@@ -496,32 +255,41 @@ def build_strategy(cfg: ExperimentConfig, num_sites: int):
         kwargs["eps"] = fed.fedexp_eps
     elif fed.strategy == "krum":
         kwargs["num_malicious_nodes"] = fed.krum_byzantine
+    return kwargs
+
+
+def build_strategy(cfg: ExperimentConfig, num_sites: int):
+    """The configured Flower strategy with `SafeAggregation` mixed in (and DP)."""
+    base = _BASES[cfg.federation.strategy]
     cls = type(f"Safe{base.__name__}", (SafeAggregation, base), {})
-    strategy = cls(**kwargs)
+    strategy = cls(**_rule_kwargs(cfg, num_sites))
     strategy.setup_safety(cfg)
-    if cfg.privacy.dp:
-        m = dp_sample_size(cfg, num_sites)
-        if uniform_dp_supported(cfg):
-            strategy.dp_denominator = m
-        else:
-            log.warning("privacy.dp with federation.strategy=%s: its aggregation is "
-                        "not the uniform clipped mean, so no epsilon is reported",
-                        fed.strategy)
-        return ClientSideDP(
-            strategy,
-            noise_multiplier=cfg.privacy.noise_multiplier,
-            clipping_norm=cfg.privacy.clipping_norm,
-            num_sampled_clients=m,
+    if not cfg.privacy.dp:
+        return strategy
+    m = dp_sample_size(cfg, num_sites)
+    if uniform_dp_supported(cfg):
+        strategy.dp_denominator = m
+    else:
+        log.warning(
+            "privacy.dp with federation.strategy=%s: its aggregation is "
+            "not the uniform clipped mean, so no epsilon is reported",
+            cfg.federation.strategy,
         )
-    return strategy
+    return ClientSideDP(
+        strategy,
+        noise_multiplier=cfg.privacy.noise_multiplier,
+        clipping_norm=cfg.privacy.clipping_norm,
+        num_sampled_clients=m,
+    )
 
 
 class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed-clipping DP wrapper around a screened strategy.
+    """Flower's client-side fixed-clipping DP wrapper around `SafeAggregation`.
 
     Sites clip their update (client mod `client.app.dp_clipping`), the server
-    adds Gaussian noise to the aggregate. Replies are still screened by the
-    wrapped strategy, which aggregates by `uniform_clipped_mean` where it can.
+    adds Gaussian noise to the aggregate. The loop screens replies before they
+    get here (Flower's wrapper alone skips a whole round on any error reply);
+    the wrapped strategy aggregates by `uniform_clipped_mean` where it can.
     Flower's own accountant only takes its unscreened FedAvg without sampling
     credit; `server.privacy` accounts the aggregation done here from `releases`.
     """
@@ -529,21 +297,11 @@ class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
     # noisy aggregates computed so far (retried attempts included)
     releases: int = 0
 
-    @property
-    def report(self) -> RoundReport:
-        """The wrapped strategy's round report."""
-        return self.strategy.report
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen first: Flower's wrapper skips a whole round on any error reply."""
-        good = self.strategy.screen_train_replies(replies)
-        self.strategy.prescreened = True
-        try:
-            arrays, metrics = super().aggregate_train(server_round, good)
-        finally:
-            self.strategy.prescreened = False
+        """Flower's clipped, noised aggregate; count it as one release."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.releases += 1
         return arrays, metrics

@@ -2,8 +2,10 @@
 
 Loading the data and building the sites here turns bad input into one clear
 error before any worker starts; filling the teacher-feature cache here pays
-for the teacher once, batched on all cores, through the same cache the sites
-read (`client.site.teacher_features`).
+for the teacher once, batched on all cores, through the same feature cache the
+sites read (`common.distill.features.cached_features`). The dataset and the
+teacher come from the sites' per-process `site_cache`, so an in-process engine
+reuses them.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import logging
 
 from tqdm import tqdm
 
-from client import site as site_lib
+from client.site import site_cache, uses_teacher
 from common.config import ExperimentConfig
-from common.data.sites import build_sites
+from common.data.sites import partition_sites
+from common.distill.features import cached_features
 from common.models.student import create_student
 
 log = logging.getLogger(__name__)
@@ -22,26 +25,24 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
     """Validate data and sites, fill the teacher cache; return a summary line."""
-    ds = site_lib.dataset_for(cfg)
-    sites = build_sites(ds, cfg.partition, cfg.train.seed)
+    ds = site_cache.dataset(cfg)
+    sites = partition_sites(ds, cfg.partition, cfg.train.seed)
     # A bad student name fails here, before any run folder exists.
     create_student(cfg.student.arch, ds.num_classes, ds.channels)
     sizes = ", ".join(f"{s.name}:{len(s.train)}/{len(s.test)}" for s in sites[:8])
     more = f" (+{len(sites) - 8} more)" if len(sites) > 8 else ""
     teacher_line = "teacher: not used"
-    if site_lib.uses_teacher(cfg):
-        teacher = site_lib.teacher_for(cfg)
+    if uses_teacher(cfg):
+        teacher = site_cache.teacher(cfg)
         views = cfg.teacher.views
         bar = tqdm(sites, desc="teacher cache", unit="site", disable=not progress)
         misses = 0
         for s in bar:
-            _, info = site_lib.teacher_features(
-                cfg, s.train.images, views, cfg.teacher.cache_dir
-            )
-            _, info_t = site_lib.teacher_features(
-                cfg, s.test.images, 1, cfg.teacher.cache_dir
-            )
-            misses += info["cache_misses"] + info_t["cache_misses"]
+            for images, n in ((s.train.images, views), (s.test.images, 1)):
+                _, info = cached_features(
+                    cfg.teacher, images, n, cfg.teacher.cache_dir, lambda: teacher
+                )
+                misses += info["cache_misses"]
         d = teacher.describe()
         teacher_line = (
             f"teacher: {d['arch']} @ {cfg.teacher.image_size}px, weights "

@@ -218,10 +218,16 @@ def _teacher_line(records: list[dict]) -> str:
     return "Teacher: none of the runs used one."
 
 
-def _plots(records: list[dict], out: Path, sv: Any) -> list[str]:
-    names = []
-    recs = [r for r in records if r["sweep_value"] == sv]
-    methods = sorted({r["method"] for r in recs})
+def _save(fig: Any, out: Path, name: str) -> str:
+    """Lay out, write and close a figure; return its file name."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _accuracy_plot(recs: list[dict], methods: list[str], out: Path) -> str:
+    """Global-test ACC per round, seed mean, one line per method."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in methods:
         curves = [r["curve"] for r in recs if r["method"] == m]
@@ -242,10 +248,11 @@ def _plots(records: list[dict], out: Path, sv: Any) -> list[str]:
         ax.set_title(f"global-test ACC per round; KD runs: {note}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_per_round.png", dpi=100)
-    plt.close(fig)
-    names.append("accuracy_per_round.png")
+    return _save(fig, out, "accuracy_per_round.png")
+
+
+def _per_site_plot(recs: list[dict], methods: list[str], out: Path) -> str:
+    """Each site's own test ACC, seed mean, one bar per method."""
     sites = sorted({s for r in recs for s in r["per_site"]},
                    key=lambda s: int(s.split("-")[-1]) if s[-1].isdigit() else 0)
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -258,44 +265,49 @@ def _plots(records: list[dict], out: Path, sv: Any) -> list[str]:
     ax.set_ylabel("site test ACC (seed mean)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out / "per_site_acc.png", dpi=100)
-    plt.close(fig)
-    names.append("per_site_acc.png")
+    return _save(fig, out, "per_site_acc.png")
+
+
+def _class_histogram(fed: dict, out: Path) -> list[str]:
+    """Training images per class and site, from one federated run's handshake."""
+    infos = fed["data"].get("sites")
+    counts = np.array([i.get("class-counts", []) for i in infos or []], dtype=float)
+    if not infos or counts.ndim != 2 or not counts.size:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bottom = np.zeros(len(infos))
+    classes = fed["data"].get("classes") or [
+        f"class {c}" for c in range(counts.shape[1])]
+    for c in range(counts.shape[1]):
+        ax.bar([i["name"] for i in infos], counts[:, c], bottom=bottom,
+               label=str(classes[c]) if c < len(classes) else str(c))
+        bottom += counts[:, c]
+    ax.set_ylabel("training images")
+    ax.set_title("class histogram per site (seed of first run)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    return [_save(fig, out, "class_histogram.png")]
+
+
+def _plots(records: list[dict], out: Path, sv: Any) -> list[str]:
+    """The figures of one sweep value; return their file names."""
+    recs = [r for r in records if r["sweep_value"] == sv]
+    methods = sorted({r["method"] for r in recs})
+    names = [_accuracy_plot(recs, methods, out), _per_site_plot(recs, methods, out)]
     fed = next((r for r in recs if r["method"] not in ("pooled", "pooled-kd")), None)
-    if fed and fed["data"].get("sites"):
-        infos = fed["data"]["sites"]
-        counts = np.array([i.get("class-counts", []) for i in infos], dtype=float)
-        if counts.ndim == 2 and counts.size:
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            bottom = np.zeros(len(infos))
-            classes = fed["data"].get("classes") or [
-                f"class {c}" for c in range(counts.shape[1])]
-            for c in range(counts.shape[1]):
-                ax.bar([i["name"] for i in infos], counts[:, c], bottom=bottom,
-                       label=str(classes[c]) if c < len(classes) else str(c))
-                bottom += counts[:, c]
-            ax.set_ylabel("training images")
-            ax.set_title("class histogram per site (seed of first run)", fontsize=9)
-            ax.legend(fontsize=7)
-            ax.tick_params(axis="x", labelsize=7)
-            fig.tight_layout()
-            fig.savefig(out / "class_histogram.png", dpi=100)
-            plt.close(fig)
-            names.append("class_histogram.png")
     if fed:
-        names += _samples(Path(fed["run_dir"]), out)
+        names += _class_histogram(fed, out) + _samples(Path(fed["run_dir"]), out)
     return names
 
 
 def _samples(run_dir: Path, out: Path, per_site: int = 4) -> list[str]:
     """A grid of training images per site, showing each site's scanner profile."""
-    from client.site import dataset_for
     from common.config import load_config
-    from common.data.sites import build_sites
+    from common.data.experiment import dataset_for
+    from common.data.sites import partition_sites
 
     cfg = load_config(run_dir / "config.yaml")
-    sites = build_sites(dataset_for(cfg), cfg.partition, cfg.train.seed)[:8]
+    sites = partition_sites(dataset_for(cfg), cfg.partition, cfg.train.seed)[:8]
     fig, axes = plt.subplots(len(sites), per_site,
                              figsize=(per_site * 1.2, len(sites) * 1.25))
     axes = np.atleast_2d(axes)
@@ -405,16 +417,8 @@ def _table(agg: dict, sv: Any) -> list[str]:
     return lines
 
 
-def write_report(exp, descs: list[dict], out: Path) -> str:
-    """Write results.json, report.md and the plots; return the verdict text."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    k = int(exp.report.get("last_k", 5))
-    records = [r for d in descs if (r := run_record(d, k)) is not None]
-    missing = len(descs) - len(records)
-    agg = aggregate(records)
-    axis = next(iter(exp.sweep), None)
-    values = exp.sweep[axis] if axis else [None]
+def _header(exp, records: list[dict], descs: list[dict], axis: str | None) -> list[str]:
+    """Title, teacher, data, how to read the tables, and runs left out."""
     first = records[0] if records else {}
     data = first.get("data", {})
     lines = [f"# {exp.name}", ""]
@@ -438,42 +442,49 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
         "with a 95 % t-interval: *beats* when the interval is above 0, *worse* "
         "when below, otherwise *no detectable difference*.", "",
     ]
+    missing = len(descs) - len(records)
     if missing:
         done = {r["method"] for r in records}
         absent = sorted({d["method"] for d in descs} - done)
         lines += [f"**{missing} runs had not finished and are left out**"
                   + (f" (no finished run of: {', '.join(absent)})" if absent else "")
                   + ".", ""]
-    for sv in values:
-        if axis:
-            lines += [f"## {axis} = {sv}", ""]
-        lines += sanity_anchor(records, exp.report, sv)
-        lines += ["### Verdict", ""] + verdict(records, sv) + [""]
-        for ref in exp.report.get("references", []):
-            lines += [f"Against `{ref}`:", ""] + verdict(records, sv, ref=ref) + [""]
-        lines += ["### Results", ""] + _table(agg, sv) + [""]
-        recs = [r for r in records if r["sweep_value"] == sv]
-        sites = sorted({s for r in recs for s in r["per_site"]})
-        if sites and len(sites) <= 16:
-            lines += ["### Per-site test ACC (seed mean, %)", "",
-                      "| method | " + " | ".join(sites) + " |",
-                      "|---|" + "---|" * len(sites)]
-            for m in sorted({r["method"] for r in recs}):
-                cells = []
-                for s in sites:
-                    vals = [r["per_site"].get(s) for r in recs if r["method"] == m]
-                    vals = [v for v in vals if v is not None]
-                    cells.append(f"{100 * np.mean(vals):.1f}" if vals else "–")
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            lines.append("")
-    plots = _plots(records, out, values[-1]) if records else []
-    if axis and records:
-        plots.insert(0, _sweep_plot(agg, out, axis))
-    lines += ["## Figures", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["Produced by `python -m simulations.harness --experiment "
-              f"{exp.report.get('experiment_path', '<file>')} --out {out}`.", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    results = {
+    return lines
+
+
+def _per_site_table(recs: list[dict]) -> list[str]:
+    """Seed-mean test ACC of each method on each site (up to 16 sites)."""
+    sites = sorted({s for r in recs for s in r["per_site"]})
+    if not sites or len(sites) > 16:
+        return []
+    lines = ["### Per-site test ACC (seed mean, %)", "",
+             "| method | " + " | ".join(sites) + " |",
+             "|---|" + "---|" * len(sites)]
+    for m in sorted({r["method"] for r in recs}):
+        cells = []
+        for s in sites:
+            vals = [r["per_site"].get(s) for r in recs if r["method"] == m]
+            vals = [v for v in vals if v is not None]
+            cells.append(f"{100 * np.mean(vals):.1f}" if vals else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _sweep_section(exp, records: list[dict], agg: dict, sv: Any) -> list[str]:
+    """Anchor, verdicts, result tables and per-site table of one sweep value."""
+    lines = sanity_anchor(records, exp.report, sv)
+    lines += ["### Verdict", ""] + verdict(records, sv) + [""]
+    for ref in exp.report.get("references", []):
+        lines += [f"Against `{ref}`:", ""] + verdict(records, sv, ref=ref) + [""]
+    lines += ["### Results", ""] + _table(agg, sv) + [""]
+    recs = [r for r in records if r["sweep_value"] == sv]
+    return lines + _per_site_table(recs)
+
+
+def _results(exp, records: list[dict], agg: dict, axis: str | None,
+             values: list) -> dict[str, Any]:
+    """The content of results.json: paired differences, summaries and runs."""
+    return {
         "experiment": exp.name, "sweep": exp.sweep, "seeds": exp.seeds,
         "paired_vs_fedavg": {
             f"{m}@{sv}" if axis else m: paired_diff(records, m, "fedavg", PRIMARY, sv)
@@ -486,5 +497,29 @@ def write_report(exp, descs: list[dict], out: Path) -> str:
         "runs": [{k: v for k, v in r.items() if k not in ("curve", "data")}
                  for r in records],
     }
+
+
+def write_report(exp, descs: list[dict], out: Path) -> str:
+    """Write results.json, report.md and the plots; return the verdict text."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    k = int(exp.report.get("last_k", 5))
+    records = [r for d in descs if (r := run_record(d, k)) is not None]
+    agg = aggregate(records)
+    axis = next(iter(exp.sweep), None)
+    values = exp.sweep[axis] if axis else [None]
+    lines = _header(exp, records, descs, axis)
+    for sv in values:
+        if axis:
+            lines += [f"## {axis} = {sv}", ""]
+        lines += _sweep_section(exp, records, agg, sv)
+    plots = _plots(records, out, values[-1]) if records else []
+    if axis and records:
+        plots.insert(0, _sweep_plot(agg, out, axis))
+    lines += ["## Figures", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["Produced by `python -m simulations.harness --experiment "
+              f"{exp.report.get('experiment_path', '<file>')} --out {out}`.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    results = _results(exp, records, agg, axis, values)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return "\n".join(sum((verdict(records, sv) for sv in values), []))

@@ -83,7 +83,7 @@ def setup_logging(debug: bool) -> None:
 def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     """The experiment config, from the file or from the run being resumed."""
     if args.resume:
-        from server.run_folder import resume_config
+        from common.run_folder import resume_config
 
         if args.config is not None:
             raise FedKDError(
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug)
     try:
-        from server.run_folder import check_run_dir, prepare_run_dir
+        from common.run_folder import check_run_dir, prepare_run_dir
         from simulations.engine import simulate
         from simulations.preflight import preflight
 

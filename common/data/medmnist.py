@@ -175,20 +175,8 @@ def _check_generic_labels(
                     "cannot learn them", path, absent[:8])
 
 
-def load_npz(
-    path: str | Path,
-    image_size: int,
-    source: str | None = None,
-    name: str | None = None,
-) -> Dataset:
-    """Load and validate a MedMNIST-layout .npz; images resized to image_size."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"npz file not found: {path}; check data.source (npz:<path>, relative "
-            "paths start at the working directory)"
-        )
-    flag = _guess_flag(path)
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every expected array of an .npz archive; corrupt files and missing keys fail."""
     try:
         z = np.load(path, allow_pickle=False)
     except _READ_ERRORS as err:
@@ -216,6 +204,13 @@ def load_npz(
                     f"{path}: key '{k}' cannot be read ({type(err).__name__}: "
                     f"{err}); the file is truncated or corrupt, re-download it"
                 ) from err
+    return raw
+
+
+def _check_splits(
+    path: Path, raw: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(images uint8 NHWC, labels int64) per split, in one colour mode for all."""
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     channels = None
     for split in SPLITS:
@@ -232,6 +227,13 @@ def load_npz(
         parts[split] = (images, labels)
     if len(parts["train"][1]) == 0:
         raise DataError(f"{path}: key 'train_images' is empty; training needs images")
+    return parts
+
+
+def _class_names(
+    path: Path, flag: str | None, parts: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[str, ...]:
+    """The flag's label names, or class-0.. once the labels pass the generic checks."""
     max_label = max(int(lab.max(initial=-1)) for _, lab in parts.values())
     names = LABEL_NAMES.get(flag) if flag else None
     if names is not None and max_label >= len(names):
@@ -244,7 +246,25 @@ def load_npz(
         )
     if names is None:
         _check_generic_labels(path, parts, max_label)
-    classes = names or tuple(f"class-{i}" for i in range(max(max_label + 1, 2)))
+    return names or tuple(f"class-{i}" for i in range(max(max_label + 1, 2)))
+
+
+def load_npz(
+    path: str | Path,
+    image_size: int,
+    source: str | None = None,
+    name: str | None = None,
+) -> Dataset:
+    """Load and validate a MedMNIST-layout .npz; images resized to image_size."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"npz file not found: {path}; check data.source (npz:<path>, relative "
+            "paths start at the working directory)"
+        )
+    flag = _guess_flag(path)
+    parts = _check_splits(path, _read_arrays(path))
+    classes = _class_names(path, flag, parts)
     sets = {
         s: ImageSet(np.ascontiguousarray(im), lab).resized(image_size)
         for s, (im, lab) in parts.items()

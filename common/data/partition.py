@@ -72,6 +72,55 @@ def _dirichlet(ds, sites: int, alpha: float, min_size: int, seed: int):
             return run(0)
 
 
+def _shuffled(part, ds, sites: int, seed: int) -> list[np.ndarray]:
+    """Indices per site from a partitioner over a seeded shuffle of ``ds``."""
+    part.dataset = ds.shuffle(seed=seed)
+    return _read_back(part, sites)
+
+
+def _pathological(
+    ds, labels: np.ndarray, sites: int, classes_per_site: int, seed: int
+) -> list[np.ndarray]:
+    """``classes_per_site`` classes per site; every class used when sites >= K."""
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    n_cls = len(np.unique(labels))
+    if not 1 <= classes_per_site <= n_cls:
+        raise ConfigError(
+            f"partition.classes_per_site={classes_per_site} is not valid for "
+            f"{n_cls} classes; use 1..{n_cls}"
+        )
+    # "first-deterministic": site i surely holds class i % K, so with
+    # sites >= K every class is used; the other classes are drawn at random.
+    part = PathologicalPartitioner(
+        num_partitions=sites,
+        partition_by="label",
+        num_classes_per_partition=classes_per_site,
+        class_assignment_mode="first-deterministic",
+        shuffle=True,
+        seed=seed,
+    )
+    part.dataset = ds
+    return _read_back(part, sites)
+
+
+def _check_request(n: int, sites: int, scheme: str, min_size: int) -> None:
+    """Refuse an unknown scheme, no sites, or more sites than the samples allow."""
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"partition.scheme={scheme!r} is not valid; choose one of "
+            f"{', '.join(SCHEMES)}"
+        )
+    if sites < 1:
+        raise ConfigError(f"partition.sites={sites} is not valid; use >= 1")
+    if sites * min_size > n:
+        raise DataError(
+            f"{n} samples cannot give {sites} sites at least "
+            f"{min_size} samples each (partition.min_site_size); use "
+            "fewer sites or a smaller min_site_size"
+        )
+
+
 def partition_indices(
     labels: np.ndarray,
     sites: int,
@@ -84,62 +133,25 @@ def partition_indices(
     seed: int = 0,
 ) -> list[np.ndarray]:
     """Per-site sorted, disjoint index arrays into `labels` (pure in its inputs)."""
-    from flwr_datasets.partitioner import (
-        IidPartitioner,
-        PathologicalPartitioner,
-        SizePartitioner,
-    )
+    from flwr_datasets.partitioner import IidPartitioner, SizePartitioner
 
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    n = len(labels)
-    if scheme not in SCHEMES:
-        raise ConfigError(
-            f"partition.scheme={scheme!r} is not valid; choose one of "
-            f"{', '.join(SCHEMES)}"
-        )
-    if sites < 1:
-        raise ConfigError(f"partition.sites={sites} is not valid; use >= 1")
-    if sites * max(min_site_size, 1) > n:
-        raise DataError(
-            f"{n} samples cannot give {sites} sites at least "
-            f"{max(min_site_size, 1)} samples each (partition.min_site_size); use "
-            "fewer sites or a smaller min_site_size"
-        )
+    min_size = max(min_site_size, 1)
+    _check_request(len(labels), sites, scheme, min_size)
     ds = _hf_dataset(labels)
     if scheme == "iid":
-        part = IidPartitioner(num_partitions=sites)
-        part.dataset = ds.shuffle(seed=seed)
-        parts = _read_back(part, sites)
+        parts = _shuffled(IidPartitioner(num_partitions=sites), ds, sites, seed)
     elif scheme == "dirichlet":
         if alpha <= 0:
             raise ConfigError(f"partition.alpha={alpha} is not valid; use > 0")
         parts = _dirichlet(ds, sites, float(alpha), min_site_size, seed)
     elif scheme == "pathological":
-        n_cls = len(np.unique(labels))
-        if not 1 <= classes_per_site <= n_cls:
-            raise ConfigError(
-                f"partition.classes_per_site={classes_per_site} is not valid for "
-                f"{n_cls} classes; use 1..{n_cls}"
-            )
-        # "first-deterministic": site i surely holds class i % K, so with
-        # sites >= K every class is used; the other classes are drawn at random.
-        part = PathologicalPartitioner(
-            num_partitions=sites,
-            partition_by="label",
-            num_classes_per_partition=classes_per_site,
-            class_assignment_mode="first-deterministic",
-            shuffle=True,
-            seed=seed,
-        )
-        part.dataset = ds
-        parts = _read_back(part, sites)
+        parts = _pathological(ds, labels, sites, classes_per_site, seed)
     else:  # quantity
-        sizes = power_law_sizes(n, sites, size_skew)
-        _check_sizes(scheme, sizes, max(min_site_size, 1))
-        part = SizePartitioner(partition_sizes=sizes)
-        part.dataset = ds.shuffle(seed=seed)
-        parts = _read_back(part, sites)
-    _check_sizes(scheme, [len(p) for p in parts], max(min_site_size, 1))
+        sizes = power_law_sizes(len(labels), sites, size_skew)
+        _check_sizes(scheme, sizes, min_size)
+        parts = _shuffled(SizePartitioner(partition_sizes=sizes), ds, sites, seed)
+    _check_sizes(scheme, [len(p) for p in parts], min_size)
     return parts
 
 

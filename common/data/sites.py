@@ -1,4 +1,8 @@
-"""Site assembly: partition -> per-site train/test, scanner shift, labelled mask."""
+"""Site images: partition -> per-site train/test, scanner shift, labelled mask.
+
+A `SiteImages` is what one site holds before any tensor is made: simulated
+(`partition_sites`), deployed (`load_site_images`) or pooled (`pool_sites`).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
-class SiteData:
-    """One site's local data: train/test sets, labelled mask and scanner profile."""
+class SiteImages:
+    """The images one site holds: train/test sets, labelled mask, scanner profile."""
 
     site_id: int
     name: str
@@ -114,7 +118,9 @@ def public_pool(dataset: Dataset, fraction: float, seed: int) -> ImageSet:
     return dataset.train.subset(pool)
 
 
-def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteData]:
+def partition_sites(
+    dataset: Dataset, cfg: PartitionConfig, seed: int
+) -> list[SiteImages]:
     """Partition dataset.train (minus the public pool) over cfg.sites sites."""
     _, rest = split_public_pool(dataset.train.labels, cfg.public_pool_fraction, seed)
     pool_free = dataset.train.subset(rest)
@@ -151,7 +157,7 @@ def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteD
             np.bincount(train.labels, minlength=dataset.num_classes).tolist(),
         )
         sites.append(
-            SiteData(
+            SiteImages(
                 site_id=site_id,
                 name=name,
                 train=train,
@@ -164,7 +170,7 @@ def build_sites(dataset: Dataset, cfg: PartitionConfig, seed: int) -> list[SiteD
     return sites
 
 
-def pool_sites(sites: list[SiteData]) -> SiteData:
+def pool_sites(sites: list[SiteImages]) -> SiteImages:
     """One site holding every site's data exactly as they hold it (fair pooling).
 
     Train and test parts, labelled masks and scanner-shifted pixels are
@@ -173,7 +179,7 @@ def pool_sites(sites: list[SiteData]) -> SiteData:
     """
     if not sites:
         raise DataError("cannot pool zero sites")
-    return SiteData(
+    return SiteImages(
         site_id=0,
         name="pooled",
         train=ImageSet.concat([s.train for s in sites]),
@@ -189,7 +195,7 @@ def simulated_nodes(strategy: str, sites: int) -> int:
     return 1 if strategy == "pooled" else sites
 
 
-def load_site(
+def load_site_images(
     source: str,
     image_size: int,
     cache_dir: str | Path,
@@ -197,7 +203,7 @@ def load_site(
     site_name: str,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
-) -> SiteData:
+) -> SiteImages:
     """A deployed site's data: the whole source (train+val to train, test to test)."""
     ds = load_dataset(
         source,
@@ -215,7 +221,7 @@ def load_site(
             f"site {site_name}: data source {source!r} has an empty test split; "
             "provide test images (test_images in npz, or data.test_fraction > 0)"
         )
-    return SiteData(
+    return SiteImages(
         site_id=site_id,
         name=site_name,
         train=train,

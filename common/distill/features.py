@@ -1,7 +1,7 @@
 """Teacher features of images and their fixed views, from the on-disk cache.
 
 The one place where "look the features up, build the teacher only on a miss"
-lives: sites (client/site.py) and the server's teacher probe on the global
+lives: sites (client/site/prepared.py) and the server's teacher probe on the global
 test (server/evaluation.py) both call `cached_features`.
 """
 

@@ -134,7 +134,7 @@ def sum_stats(stats: list[RidgeStats]) -> RidgeStats:
 def to_arrays(stats: RidgeStats) -> dict[str, np.ndarray]:
     """Flat arrays keyed ``ridge.*``, with a format version, for the wire."""
     return {
-        PREFIX + "version": np.array(VERSION, dtype=np.int64),
+        PREFIX + "version": np.array([VERSION], dtype=np.int64),  # 1-d: the wire
         PREFIX + "class_counts": stats.class_counts.copy(),
         PREFIX + "class_sum": stats.class_sum.copy(),
         PREFIX + "class_gram": stats.class_gram.copy(),
@@ -162,7 +162,7 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> RidgeStats:
     unknown = sorted(k for k in arrays if k.startswith(PREFIX) and k not in known)
     if unknown:
         raise ValueError(f"unknown ridge arrays {unknown}; valid: {sorted(known)}")
-    version = int(_get(arrays, "version", ()))
+    version = int(_get(arrays, "version", (1,))[0])
     if version != VERSION:
         raise ValueError(f"ridge.version is {version}, this code reads {VERSION}")
     counts = _get(arrays, "class_counts", (None,))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+import client.site.teacher as site_teacher
 import common.models.teacher as teacher_mod
-from client import site as site_lib
 from client.app import app
+from client.site import site_cache
 from common.serialization import EVAL_RECEIVED, EVAL_RECORD, pack
 from server.federation import initial_arrays
 from tests.helpers import small_npz, tiny_config
@@ -33,11 +34,9 @@ def _send(kind: str, conf: ConfigRecord, ctx: Context, arrays=None) -> Message:
     return app(Message(content=content, dst_node_id=1, message_type=kind), ctx)
 
 
-def _fresh_process(monkeypatch) -> None:
+def _fresh_process() -> None:
     """Forget what this process built, as a new ClientApp process would."""
-    site_lib._SITES.clear()
-    site_lib._teacher.cache_clear()
-    monkeypatch.setattr(site_lib, "_SITES", {})
+    site_cache.clear()
 
 
 @pytest.fixture
@@ -49,7 +48,7 @@ def warm(pneumonia_npz, tmp_path, monkeypatch):
         {"experiment": cfg.to_yaml(), "num-classes": 2, "server-round": 1}
     )
     first = _send(MessageType.QUERY, conf, _ctx())
-    _fresh_process(monkeypatch)
+    _fresh_process()
     return conf, pack(initial_arrays(cfg, 2, 1, 0)), dict(first.content["site"])
 
 
@@ -60,12 +59,12 @@ def test_handlers_with_a_full_cache_never_build_the_teacher(warm, monkeypatch):
         raise AssertionError("teacher backbone built although every feature is cached")
 
     monkeypatch.setattr(teacher_mod.FrozenTeacher, "__init__", refuse)
-    monkeypatch.setattr(site_lib, "load_teacher", refuse)
+    monkeypatch.setattr(site_teacher, "load_teacher", refuse)
 
     info = dict(_send(MessageType.QUERY, conf, _ctx()).content["site"])
-    _fresh_process(monkeypatch)
+    _fresh_process()
     trained = _send(MessageType.TRAIN, conf, _ctx(), arrays)
-    _fresh_process(monkeypatch)
+    _fresh_process()
     ev = _send(MessageType.EVALUATE, conf, _ctx(), trained.content["arrays"])
 
     # the description comes from the cache's teacher.json, as if built

@@ -3,7 +3,9 @@
 import pytest
 
 from common.config import (
+    CHOICES,
     config_from_dict,
+    knob,
     load_config,
     parse_overrides,
     split_overrides,
@@ -101,3 +103,63 @@ def test_missing_and_malformed_files(tmp_path):
 def test_split_overrides():
     assert split_overrides("a.b=1; c.d=x\n") == ["a.b=1", " c.d=x"]
     assert split_overrides("") == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "federation.max_round_retries=101",
+            "config key 'federation.max_round_retries' = 101 is out of range; "
+            "valid: [0, 100]",
+        ),
+        (
+            "privacy.delta=0",
+            "config key 'privacy.delta' = 0.0 is out of range; valid: (0, 0.1]",
+        ),
+        (
+            "run.device=tpu",
+            "config key 'run.device' = 'tpu' is not valid; "
+            "choose one of: auto, cpu, cuda, mps",
+        ),
+    ],
+)
+def test_messages_quote_the_declaration_beside_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_choices_are_read_from_the_field_declarations():
+    assert set(CHOICES) == {
+        "partition.scheme",
+        "partition.shift",
+        "teacher.head",
+        "distill.feature_loss",
+        "federation.strategy",
+        "federation.transfer_dtype",
+        "train.optimizer",
+        "train.optimizer_state",
+        "train.lr_schedule",
+        "run.engine",
+        "run.device",
+    }
+    assert "pooled" in CHOICES["federation.strategy"]
+
+
+@pytest.mark.parametrize(
+    "declaration",
+    [
+        {"default": 0.0, "bounds": "(0, 1]"},
+        {"default": "x", "choices": ("a", "b")},
+        {"default": 1, "bounds": "0..2"},
+    ],
+)
+def test_a_field_declared_against_its_own_default_fails_at_import(declaration):
+    with pytest.raises(ValueError):
+        knob(**declaration)
+
+
+def test_the_first_bad_key_in_file_order_is_reported():
+    with pytest.raises(ConfigError, match="'data.source'"):
+        load_config(None, ["teacher.head=x", "data.source=x"])

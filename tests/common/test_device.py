@@ -36,14 +36,14 @@ def test_cpu_threads_cpu_left_alone_auto_uses_usable_cpus(monkeypatch):
 
 
 def test_site_tensors_live_on_the_resolved_device(pneumonia_npz, tmp_path):
-    from client import site as site_lib
+    from client.site import site_cache
     from tests.helpers import small_npz, tiny_config
 
     npz = small_npz(pneumonia_npz, tmp_path / "s.npz", n_train=40, n_test=10)
     cfg = tiny_config(npz, tmp_path, "run.device=auto", "distill.alpha=1.0")
     device = setup_device("auto", 1)
 
-    site = site_lib.build_site(cfg, {"partition-id": 0, "num-partitions": 3})
+    site = site_cache.site(cfg, {"partition-id": 0, "num-partitions": 3})
 
     assert site.device == device
     for t in (site.train.x, site.train.y, site.train.labelled, site.test_x):

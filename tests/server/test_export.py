@@ -10,6 +10,7 @@ import torch
 
 from client import predict
 from common.config import load_config
+from common.data.inputs import decode_image
 from common.errors import ModelError
 from server import export, model_card
 from tests.client.test_predict import br35h_jpegs, image_folder, write_student
@@ -41,7 +42,7 @@ def test_export_round_trip_matches_pytorch(tmp_path, fmt):
     run_export, labels = load_export(out, fmt)
     assert labels == ["no", "yes"]
     model, meta = predict.load_model(run)
-    decoded = np.stack([predict.decode_image(p, meta)
+    decoded = np.stack([decode_image(p, meta)
                         for p in sorted(images.rglob("*.jpg"))])
     got = run_export(export.unit_images(decoded, meta))
     np.testing.assert_allclose(got, predict.predict_images(model, meta, decoded),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from client import site as site_lib
 from client.app import app as client_app
+from client.site import site_cache
 from common.errors import FedKDError
 from server import checkpoint, history
 from server.federation import run_federation
@@ -45,14 +45,7 @@ def _faulty(bad_node: int, fault: str):
 
 def _fresh_process():
     """Forget every per-process memo, as a restarted server and sites would."""
-    from client import app as app_mod
-    from server.strategy import NODE_NAMES
-
-    site_lib._SITES.clear()
-    site_lib._dataset.cache_clear()
-    site_lib._teacher.cache_clear()
-    app_mod._config.cache_clear()
-    NODE_NAMES.clear()
+    site_cache.clear()
 
 
 def _run(cfg, app=client_app, resume=False):
@@ -389,7 +382,7 @@ def test_a_lost_site_never_makes_sampling_wait_forever(npz, tmp_path, min_sites)
     import time
 
     # Flower's sample_nodes polls with no deadline until min_available_nodes are
-    # connected; the strategy bounds that wait by federation.round_timeout.
+    # connected; the loop bounds that wait by federation.round_timeout.
     cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0",
                       f"federation.min_sites={min_sites}",
                       "federation.round_timeout=0.3", "federation.max_round_retries=1")

@@ -20,7 +20,7 @@ from common.config import load_config
 from common.serialization import pack
 from server import model_card, privacy
 from server.strategy import build_strategy, dp_sample_size
-from tests.server.test_strategy import _reply
+from tests.server.test_strategy import _aggregate, _reply
 
 DP = ["privacy.dp=true", "teacher.head=local", "partition.sites=4"]
 
@@ -95,7 +95,7 @@ def test_dp_aggregate_is_the_uniform_clipped_sum_over_a_fixed_denominator():
         _reply({"student.w": (ref + d).astype(np.float32)}, n, f"s{i}", i)
         for i, (d, n) in enumerate(zip(deltas, (5, 50, 5000), strict=True))
     ]
-    agg, _ = strat.aggregate_train(1, replies)
+    agg, _, _ = _aggregate(strat, 1, replies)
     clipped = [d * min(1.0, 1.0 / np.linalg.norm(d)) for d in deltas]
     np.testing.assert_allclose(
         agg["student.w"].numpy(), ref + sum(clipped) / 4, rtol=1e-5, atol=1e-6
@@ -116,8 +116,8 @@ def test_dp_keeps_clipped_updates_the_norm_cut_would_drop():
         _reply({"student.w": ref + s}, 10, f"s{i}", i)
         for i, s in enumerate((0.01, 0.01, 0.01, 5.0))
     ]
-    strat.aggregate_train(1, replies)
-    assert strat.report.rejected == [] and strat.report.accepted == 4
+    _, _, report = _aggregate(strat, 1, replies)
+    assert report.rejected == [] and report.accepted == 4
 
 
 def test_dp_denominator_is_floweres_sample_size():
@@ -160,6 +160,7 @@ def test_class_counts_leave_the_site_only_when_configured(share):
 
     cfg = load_config(None, [f"privacy.share_class_counts={str(share).lower()}"])
     site = SimpleNamespace(
+        name="site-0",
         classes=("normal", "pneumonia"),
         channels=1,
         class_counts=[7, 3],
@@ -168,6 +169,6 @@ def test_class_counts_leave_the_site_only_when_configured(share):
         teacher_info={},
         deployed=False,
     )
-    info = site_info(cfg, site)
+    info = site_info(cfg, site).to_dict()
     assert ("class-counts" in info) is share
     assert info["num-train"] == 10  # sizes are still shared

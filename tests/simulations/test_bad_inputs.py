@@ -318,8 +318,8 @@ def test_bad_model_file_gets_one_named_line(case_id, what, make, needle, tmp_pat
 
 
 def _nested(tmp: Path) -> str:
-    from client.predict import collect_inputs
     from common.data.folder import list_class_folders
+    from common.data.inputs import collect_inputs
 
     root = _folder(tmp / "n", nested=True)
     _, paths, _ = list_class_folders(root)
@@ -374,6 +374,10 @@ def _strategy(*overrides: str):
 def _eval_without_metrics(tmp: Path) -> str:
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+    from common.config import load_config
+    from server.screening import screen_evaluate
+    from server.strategy import site_eval_means
+
     def reply(name, metrics, node):
         out = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
                       message_type=MessageType.EVALUATE)
@@ -382,10 +386,11 @@ def _eval_without_metrics(tmp: Path) -> str:
             content["metrics"] = MetricRecord(metrics)
         return Message(RecordDict(content), reply_to=out)
 
-    strat = _strategy()
-    agg = strat.aggregate_evaluate(1, [reply("site-0", {"acc": 0.5}, 1),
-                                       reply("site-1", None, 2)])
-    return f"recorded: {strat.report.rejected[0]}; acc from the others {agg['acc']}"
+    cfg = load_config(None, ["partition.sites=4"])
+    rows, report = screen_evaluate([reply("site-0", {"acc": 0.5}, 1),
+                                    reply("site-1", None, 2)], cfg, {})
+    agg = site_eval_means(rows)
+    return f"recorded: {report.rejected[0]}; acc from the others {agg['acc']}"
 
 
 def _fp16_server_send(tmp: Path) -> str:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from common.config import load_config
-from common.data.sites import build_sites, split_public_pool
+from common.data.sites import partition_sites, split_public_pool
 from common.data.types import Dataset, ImageSet
 from simulations import harness, report
 from tests.helpers import TINY_TEACHER, small_npz
@@ -108,7 +108,7 @@ def test_public_pool_is_disjoint_from_sites_and_deterministic():
     cfg = load_config(None, ["partition.sites=3", "partition.public_pool_fraction=0.25",
                              "partition.min_site_size=5"]).partition
     pool_keys = {imgs[i].tobytes() for i in pool}
-    for site in build_sites(ds, cfg, seed=3):
+    for site in partition_sites(ds, cfg, seed=3):
         for part in (site.train, site.test):
             assert not pool_keys & {im.tobytes() for im in part.images}
 
@@ -139,7 +139,7 @@ def test_each_seeds_proxy_trains_only_on_that_seeds_pool(
     exp.seeds = [0, 1, 2]
     trained = {}
 
-    def fake_train(cfg, arch, epochs):  # record what each proxy would train on
+    def fake_train(cfg, arch, epochs, **aug):  # record what each proxy would train on
         trained[cfg.train.seed] = cfg
         return tmp_path / f"proxy-{cfg.train.seed}.pt", {"reused": True}
 
@@ -168,7 +168,7 @@ def test_each_seeds_proxy_trains_only_on_that_seeds_pool(
             # the run loads this seed's proxy, and its sites never hold a pool image
             assert f"teacher.weights=file:{tmp_path}/proxy-{seed}.pt" in overrides
             cfg = load_config(None, overrides + ["partition.shift=none"])
-            for site in build_sites(ds, cfg.partition, seed):
+            for site in partition_sites(ds, cfg.partition, seed):
                 assert pool.isdisjoint(_hashes(site.train.images))
                 assert pool.isdisjoint(_hashes(site.test.images))
 

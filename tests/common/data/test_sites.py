@@ -9,9 +9,9 @@ import pytest
 
 from common.config import PartitionConfig
 from common.data.sites import (
-    build_sites,
     labelled_mask,
-    load_site,
+    load_site_images,
+    partition_sites,
     pool_sites,
     simulated_nodes,
 )
@@ -51,7 +51,7 @@ CFG = PartitionConfig(
 
 def test_sites_cover_the_training_set_once():
     ds = _dataset()
-    sites = build_sites(ds, CFG, seed=0)
+    sites = partition_sites(ds, CFG, seed=0)
     assert [s.name for s in sites] == ["site-0", "site-1", "site-2", "site-3"]
     seen = np.concatenate(
         [_index(s.train.images) for s in sites] + [_index(s.test.images) for s in sites]
@@ -66,21 +66,21 @@ def test_sites_cover_the_training_set_once():
         assert s.profile is None
 
 
-def test_build_sites_is_deterministic():
+def test_partition_sites_is_deterministic():
     ds = _dataset()
-    a, b = build_sites(ds, CFG, seed=5), build_sites(ds, CFG, seed=5)
+    a, b = partition_sites(ds, CFG, seed=5), partition_sites(ds, CFG, seed=5)
     for x, y in zip(a, b, strict=True):
         assert image_hashes(x.train.images) == image_hashes(y.train.images)
         np.testing.assert_array_equal(x.labelled, y.labelled)
         np.testing.assert_array_equal(x.test.labels, y.test.labels)
-    c = build_sites(ds, CFG, seed=6)
+    c = partition_sites(ds, CFG, seed=6)
     assert any(len(x.train) != len(z.train) for x, z in zip(a, c, strict=True))
 
 
 def test_labelled_counts_and_same_mask_under_scanner_shift():
     ds = _dataset()
-    plain = build_sites(ds, CFG, seed=1)
-    shifted = build_sites(ds, replace(CFG, shift="scanner"), seed=1)
+    plain = partition_sites(ds, CFG, seed=1)
+    shifted = partition_sites(ds, replace(CFG, shift="scanner"), seed=1)
     for p, s in zip(plain, shifted, strict=True):
         assert int(p.labelled.sum()) == max(1, round(0.1 * len(p.train)))
         present = np.unique(p.train.labels)
@@ -90,7 +90,7 @@ def test_labelled_counts_and_same_mask_under_scanner_shift():
         np.testing.assert_array_equal(p.train.labels, s.train.labels)
         assert s.profile is not None
         assert not np.array_equal(p.train.images, s.train.images)
-    full = build_sites(ds, replace(CFG, labelled_fraction=1.0), seed=1)
+    full = partition_sites(ds, replace(CFG, labelled_fraction=1.0), seed=1)
     assert all(s.labelled.all() for s in full)
 
 
@@ -107,14 +107,15 @@ def test_labelled_mask_is_pure_and_stratified():
     assert tiny.sum() == 2 and len(np.unique(labels[tiny])) == 2
 
 
-def test_load_site_uses_whole_source(tmp_path):
+def test_load_site_images_uses_whole_source(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", 10), ("val", 3), ("test", 5)):
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
     np.savez(tmp_path / "hospital.npz", **arrays)
-    site = load_site(f"npz:{tmp_path / 'hospital.npz'}", 16, tmp_path, 0, "site-7")
+    source = f"npz:{tmp_path / 'hospital.npz'}"
+    site = load_site_images(source, 16, tmp_path, 0, "site-7")
     assert site.site_id == 7 and site.name == "site-7" and site.profile is None
     assert len(site.train) == 13 and len(site.test) == 5
     assert site.labelled.all() and site.train.images.shape[1:] == (16, 16, 3)
@@ -126,12 +127,12 @@ def test_site_with_empty_test_part_is_rejected():
     ds = _dataset(n=60)
     cfg = replace(CFG, sites=2, site_test_fraction=0.001, scheme="iid")
     with pytest.raises(DataError, match="site_test_fraction=0.001"):
-        build_sites(ds, cfg, seed=0)
+        partition_sites(ds, cfg, seed=0)
 
 
 def test_fair_pooled_site_holds_exactly_the_sites_shifted_images_and_masks():
     cfg = replace(CFG, shift="scanner", labelled_fraction=0.5)
-    sites = build_sites(_dataset(), cfg, seed=3)
+    sites = partition_sites(_dataset(), cfg, seed=3)
     pooled = pool_sites(sites)
     assert pooled.name == "pooled"
     # the same pixels (scanner profiles applied), labels and masks, site by site

@@ -1,0 +1,44 @@
+"""Everything a hospital does with its own data, kept off the wire.
+
+One job per module:
+
+- `teacher`: whether the teacher is needed, the site's device, its build;
+- `prepared`: `PreparedSite` (student tensors + teacher features) and the
+  handshake's `site_info`;
+- `cache`: `SiteCache`, the per-process cache, and `site_cache`, its one
+  instance;
+- `round`: `train_round` / `evaluate_round` and the per-round helpers.
+
+The ClientApp handlers (client/app.py) look a site up with
+`site_cache.site(cfg, node_config)` and call the round functions on it.
+"""
+
+from client.site.cache import SiteCache, site_cache
+from client.site.prepared import PreparedSite, prepare_site, site_info
+from client.site.round import (
+    evaluate_round,
+    hash_name,
+    head_stats,
+    load_carry,
+    save_carry,
+    site_seed,
+    train_round,
+)
+from client.site.teacher import site_device, uses_teacher
+
+__all__ = [
+    "PreparedSite",
+    "SiteCache",
+    "evaluate_round",
+    "hash_name",
+    "head_stats",
+    "load_carry",
+    "prepare_site",
+    "save_carry",
+    "site_cache",
+    "site_device",
+    "site_info",
+    "site_seed",
+    "train_round",
+    "uses_teacher",
+]
