@@ -36,6 +36,7 @@ from common.errors import MessageError
 from common.serialization import (
     EVAL_RECEIVED,
     EVAL_RECORD,
+    FEDERATION_KD_WEIGHT,
     STATS_RECORD,
     pack,
     pack_stats,
@@ -85,6 +86,12 @@ def dp_clipping(msg: Message, ctxt: Context, call_next) -> Message:
     return call_next(msg, ctxt)
 
 
+def _federation_weight(conf: ConfigRecord) -> float | None:
+    """The server's KD-gate verdict from every site's counts, once it has one."""
+    value = conf.get(FEDERATION_KD_WEIGHT)
+    return None if value is None else float(value)
+
+
 @app.train(mods=[dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Distil into the global student on this site's data and reply its update."""
@@ -103,6 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(conf.get("server-round", 0)),
         num_classes=int(conf["num-classes"]),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        federation_weight=_federation_weight(conf),
     )
     content = RecordDict(
         {

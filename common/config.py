@@ -155,8 +155,12 @@ class DistillConfig:
     feature_loss: str = knob("cosine", choices=("cosine", "mse"))
     # KD that cannot hurt: each site compares the teacher probe with the global
     # student (balanced ACC on its held-out labelled test part) every round and
-    # scales the teacher's terms by a weight in [gate_floor, 1]
+    # scales the teacher's terms by a weight in [gate_floor, 1]. A site whose
+    # test part holds a class fewer than gate_min_per_class times follows the
+    # federation's verdict instead: the server sums every site's per-class
+    # counts (with privacy.share_class_counts; common/distill/gate.py)
     gate: bool = True
+    gate_min_per_class: int = knob(5, bounds="[1, inf]")
     # weight when the teacher is gate_margin (or more) worse than the student
     gate_floor: float = knob(0.0, bounds="[0, 1]")
     # balanced-ACC shortfall of the teacher at which the weight reaches the floor

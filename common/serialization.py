@@ -53,6 +53,10 @@ def module_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
     }
 
 
+# the train config's KD-gate verdict of the whole federation (summed per-class
+# counts of the previous round); sites whose test part lacks a class follow it
+FEDERATION_KD_WEIGHT = "federation-kd-weight"
+
 # teacher.head=closed_form: the handshake reply carries the site's ridge
 # statistics (common/models/ridge.py) in this ArrayRecord, in float64: they are
 # summed at the server, and float32 would cost the head its equality with the

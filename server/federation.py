@@ -23,11 +23,13 @@ from flwr.serverapp import Grid
 
 from common import model_file
 from common.config import ExperimentConfig
+from common.distill.gate import federation_weight
 from common.errors import MessageError
 from common.models.student import count_params, create_student
 from common.serialization import (
     EVAL_RECEIVED,
     EVAL_RECORD,
+    FEDERATION_KD_WEIGHT,
     PROJ_PREFIX,
     STUDENT_PREFIX,
     module_arrays,
@@ -197,6 +199,9 @@ class _Run:
     # solved from them, attached to the global model every round
     head_stats: dict[str, Any] = field(default_factory=dict)
     head: dict[str, np.ndarray] | None = None
+    # distill.gate: the KD weight every site's summed per-class counts give,
+    # sent with the next round for the sites that cannot judge alone
+    gate_weight: float | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -316,6 +321,7 @@ def _resume(run: _Run) -> None:
     # A run killed after its last round but before `finish` has no round
     # left to run; its card still needs that round's metrics.
     run.last = dict(ckpt.get("last_row") or {})
+    run.gate_weight = run.last.get("federation_kd_weight")
     if cfg.privacy.dp:  # the accountant continues from the releases so far
         strategy.releases = int((run.last.get("privacy") or {}).get("releases", 0))
     _inner(strategy).load_optimizer_state(ckpt.get("optimizer_state") or {})
@@ -335,6 +341,7 @@ def _run_round(run: _Run, rnd: int) -> None:
     trained = train_round(run.ctx, rnd, run.arrays, _train_config(run, rnd))
     t_train = time.perf_counter() - t0
     run.arrays = with_head(trained.arrays, run.head)
+    _update_gate(run, trained.accepted)
     if cfg.federation.strategy == "local":  # every site keeps its own model
         run.site_models = {
             site_name(m, run.ctx.names): m.content["arrays"] for m in trained.accepted
@@ -355,6 +362,7 @@ def _run_round(run: _Run, rnd: int) -> None:
         **evaluated,
         **_report_fields(trained.report),
         "teacher_weights": run.teacher["weights_source"],
+        "federation_kd_weight": run.gate_weight,
     }
     if cfg.privacy.dp:
         # (epsilon, delta) so far, from dp-accounting (server/privacy.py)
@@ -372,9 +380,25 @@ def _run_round(run: _Run, rnd: int) -> None:
         _log_row(cfg, row)
 
 
+def _update_gate(run: _Run, accepted: list[Message]) -> None:
+    """The federation's KD-gate verdict from the sites' summed per-class counts."""
+    d = run.cfg.distill
+    if not d.gate:
+        return
+    weight = federation_weight(
+        [dict(m.content["metrics"]) for m in accepted],
+        floor=d.gate_floor,
+        margin=d.gate_margin,
+    )
+    if weight is not None:  # no counts this round: the last verdict stands
+        run.gate_weight = weight
+
+
 def _train_config(run: _Run, rnd: int) -> ConfigRecord:
     """The round's train config; with eval_in_train, whether to evaluate first."""
     conf = _config_record(run.cfg, len(run.classes))
+    if run.gate_weight is not None:
+        conf[FEDERATION_KD_WEIGHT] = run.gate_weight
     if run.in_train:  # ask the sites to evaluate what they receive (round rnd-1)
         conf[EVAL_RECEIVED] = run.pending is not None and eval_due(run.cfg, rnd - 1)
     return conf

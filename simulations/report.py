@@ -236,8 +236,15 @@ def _accuracy_plot(recs: list[dict], methods: list[str], out: Path) -> str:
                         for c in curves if len(c) == len(rounds)])
         if not rounds or not acc.size:
             continue
-        ax.plot(rounds, np.nanmean(acc, 0), marker="o", ms=3,
-                label=m + (" (mean of the sites' own models)" if m == "local" else ""))
+        line = ax.plot(
+            rounds, np.nanmean(acc, 0), marker="o", ms=3,
+            label=m + (" (mean of the sites' own models)" if m == "local" else ""))
+        ends = [r["global_acc_lastk"] for r in recs
+                if r["method"] == m and r.get("global_acc_lastk") is not None]
+        if m.startswith("pooled") and ends:  # the ceiling: where pooling ends
+            end = float(np.mean(ends))
+            ax.axhline(end, ls="--", lw=1, color=line[0].get_color(),
+                       label=f"{m} ends at {end:.3f} (last-k)")
     ax.set_xlabel("round")
     ax.set_ylabel("global-test ACC (seed mean)")
     src = next((str(r["teacher"].get("weights_source", "")) for r in recs

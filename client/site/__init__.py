@@ -7,6 +7,7 @@ One job per module:
   handshake's `site_info`;
 - `cache`: `SiteCache`, the per-process cache, and `site_cache`, its one
   instance;
+- `carry`: the optimiser state a site keeps across rounds;
 - `round`: `train_round` / `evaluate_round` and the per-round helpers.
 
 The ClientApp handlers (client/app.py) look a site up with
@@ -14,13 +15,12 @@ The ClientApp handlers (client/app.py) look a site up with
 """
 
 from client.site.cache import SiteCache, site_cache
+from client.site.carry import load_carry, save_carry
 from client.site.prepared import PreparedSite, prepare_site, site_info
 from client.site.round import (
     evaluate_round,
     hash_name,
     head_stats,
-    load_carry,
-    save_carry,
     site_seed,
     train_round,
 )

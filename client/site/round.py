@@ -13,13 +13,14 @@ import math
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from client.site.carry import load_carry, save_carry
 from client.site.prepared import PreparedSite
 from client.site.teacher import uses_teacher
 from common.config import ExperimentConfig
-from common.distill.gate import gate_weight
+from common.distill.gate import covers_every_class, gate_counts, gate_weight
 from common.metrics import balanced_accuracy
 from common.models import ridge
 from common.models.head import fit_head, head_logits, train_head
@@ -34,7 +35,6 @@ from common.serialization import (
 )
 from common.train import (
     LocalData,
-    OptimizerCarry,
     evaluate,
     evaluate_logits,
     predict_proba,
@@ -44,7 +44,6 @@ from common.train import (
 
 LOCAL_HEAD_KEY = "fedkd.local-head"
 LOCAL_MODEL_KEY = "fedkd.local-student"
-OPTIMIZER_KEY = "fedkd.optimizer-state"
 
 
 def site_seed(cfg: ExperimentConfig, server_round: int, name: str) -> int:
@@ -170,34 +169,6 @@ def _fit(
     )
 
 
-def load_carry(cfg: ExperimentConfig, state: RecordDict) -> OptimizerCarry | None:
-    """The optimiser state this site kept from its last round (optimizer_state=keep)."""
-    if cfg.train.optimizer_state != "keep":
-        return None
-    if OPTIMIZER_KEY not in state:
-        return OptimizerCarry()
-    rec = state[OPTIMIZER_KEY]
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key in rec.keys():
-        index, _, name = key.partition("/")
-        out.setdefault(int(index), {})[name] = torch.from_numpy(rec[key].numpy())
-    return OptimizerCarry(out)
-
-
-def save_carry(state: RecordDict, carry: OptimizerCarry | None) -> None:
-    """Keep the optimiser state in the site's Flower state for the next round."""
-    if carry is None or not carry.state:
-        return
-    state[OPTIMIZER_KEY] = ArrayRecord(
-        {
-            f"{i}/{name}": Array(v.detach().cpu().numpy().copy())
-            for i, st in carry.state.items()
-            for name, v in st.items()
-            if torch.is_tensor(v)
-        }
-    )
-
-
 def _student_source(
     cfg: ExperimentConfig, state: RecordDict, arrays: ArrayRecord
 ) -> ArrayRecord:
@@ -218,29 +189,41 @@ def make_proj(student: nn.Module, feature_dim: int) -> nn.Linear:
 
 
 def kd_gate(
-    cfg: ExperimentConfig, site: PreparedSite, student: nn.Module, head: nn.Linear
+    cfg: ExperimentConfig,
+    site: PreparedSite,
+    student: nn.Module,
+    head: nn.Linear,
+    federation_weight: float | None = None,
 ) -> tuple[float, dict[str, float]]:
     """(weight of the teacher's terms this round, metrics to log) for this site.
 
     Teacher probe and the received student are compared by balanced ACC on the
-    site's held-out test part, which neither trains on (common/distill/gate.py).
+    site's held-out test part, which neither trains on. A test part that lacks
+    a class cannot judge (common/distill/gate.py): the site then takes the
+    federation's weight (`federation_weight`, from every site's counts; 1.0
+    before the server has one) and logs `gate_local` 0. With class counts
+    shared, the per-class counts go into the metrics for the server to sum.
     """
     if not cfg.distill.gate or site.feats_test is None or len(site.test_y) == 0:
         return 1.0, {"kd_weight": 1.0}
     y = site.test_y.cpu().numpy()
+    k = head.out_features
     with torch.no_grad():
         t_probs = torch.softmax(head_logits(head, site.feats_test).float(), dim=1)
-    s_probs = predict_proba(student, site.test_x)
+    s_probs = predict_proba(student, site.test_x).cpu().numpy()
     t_score = balanced_accuracy(y, t_probs.numpy())
-    s_score = balanced_accuracy(y, s_probs.cpu().numpy())
-    w = gate_weight(
-        t_score, s_score, floor=cfg.distill.gate_floor, margin=cfg.distill.gate_margin
-    )
-    return w, {
-        "kd_weight": w,
-        "gate_teacher_bacc": t_score,
-        "gate_student_bacc": s_score,
-    }
+    s_score = balanced_accuracy(y, s_probs)
+    metrics = {"gate_teacher_bacc": t_score, "gate_student_bacc": s_score}
+    if covers_every_class(y, k, cfg.distill.gate_min_per_class):
+        d = cfg.distill
+        w = gate_weight(t_score, s_score, floor=d.gate_floor, margin=d.gate_margin)
+        metrics["gate_local"] = 1.0
+    else:
+        w = 1.0 if federation_weight is None else federation_weight
+        metrics["gate_local"] = 0.0
+    if cfg.privacy.share_class_counts:
+        metrics.update(gate_counts(y, t_probs.numpy(), s_probs, k))
+    return w, {"kd_weight": w, **metrics}
 
 
 def _with_targets(
@@ -279,8 +262,13 @@ def train_round(
     server_round: int,
     num_classes: int,
     proximal_mu: float = 0.0,
+    federation_weight: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """One round of local KD; returns (arrays to send, scalar metrics)."""
+    """One round of local KD; returns (arrays to send, scalar metrics).
+
+    `federation_weight` is the KD gate's verdict from every site's counts,
+    which a site whose test part lacks a class follows (see `kd_gate`).
+    """
     seed = site_seed(cfg, server_round, site.name)
     student = make_student(cfg, num_classes, site.channels)
     source = _student_source(cfg, state, arrays)
@@ -293,14 +281,16 @@ def train_round(
         target_head, send_head = _head_for_round(
             cfg, site, arrays, state, num_classes, seed
         )
-        kd_weight, gate_metrics = kd_gate(cfg, site, student, target_head)
+        kd_weight, gate_metrics = kd_gate(
+            cfg, site, student, target_head, federation_weight
+        )
         metrics.update(gate_metrics)
         data = _with_targets(cfg, site, target_head)
         if send_head is not None:
             out.update(module_arrays(send_head, HEAD_PREFIX))
         if cfg.distill.feature_weight > 0:
             proj = _projection(student, site, source)
-    carry = load_carry(cfg, state)
+    carry = load_carry(cfg, state, server_round, site.name)
     metrics.update(
         train_local(
             student,
@@ -315,7 +305,7 @@ def train_round(
             carry=carry,
         )
     )
-    save_carry(state, carry)
+    save_carry(cfg, state, carry, server_round, site.name)
     out.update(module_arrays(student, STUDENT_PREFIX))
     if proj is not None:
         out.update(module_arrays(proj, PROJ_PREFIX))

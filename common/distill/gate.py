@@ -67,7 +67,51 @@ def balanced_from_counts(correct: np.ndarray, counts: np.ndarray) -> float:
     return float(np.mean(np.asarray(correct, dtype=np.float64) / counts))
 
 
+GATE_COUNT_KEYS = ("gate_teacher_correct", "gate_student_correct", "gate_count")
+
+
+def gate_counts(
+    labels: np.ndarray, teacher_probs: np.ndarray, student_probs: np.ndarray, k: int
+) -> dict[str, float]:
+    """Per-class counts a site reports, as flat metrics `<key>_<class>`."""
+    t_hit, n = per_class_correct(labels, teacher_probs, k)
+    s_hit, _ = per_class_correct(labels, student_probs, k)
+    out = {}
+    for key, values in zip(GATE_COUNT_KEYS, (t_hit, s_hit, n), strict=True):
+        out.update({f"{key}_{c}": float(v) for c, v in enumerate(values)})
+    return out
+
+
+def federation_weight(
+    site_metrics: list[dict[str, float]], *, floor: float, margin: float
+) -> float | None:
+    """The gate weight from every site's summed counts; None when a class is missing.
+
+    Sites without counts (class counts not shared) are left out of the sums.
+    """
+    sums: dict[str, float] = {}
+    for m in site_metrics:
+        for key, v in m.items():
+            if key.startswith(GATE_COUNT_KEYS):
+                sums[key] = sums.get(key, 0.0) + float(v)
+    k = sum(1 for key in sums if key.startswith("gate_count_"))
+    if k == 0:
+        return None
+
+    def vec(name: str) -> np.ndarray:
+        return np.array([sums.get(f"{name}_{c}", 0.0) for c in range(k)])
+
+    counts = vec("gate_count")
+    t_score = balanced_from_counts(vec("gate_teacher_correct"), counts)
+    s_score = balanced_from_counts(vec("gate_student_correct"), counts)
+    if math.isnan(t_score) or math.isnan(s_score):
+        return None
+    return gate_weight(t_score, s_score, floor=floor, margin=margin)
+
+
 __all__ = [
+    "federation_weight",
+    "gate_counts",
     "balanced_from_counts",
     "covers_every_class",
     "gate_weight",

@@ -121,3 +121,21 @@ def test_gate_counts_sum_over_sites_to_the_pooled_balanced_accuracy():
     # the one-class site cannot judge alone; the two-class one can at min 1
     assert not covers_every_class(a_y, 2, 1)
     assert covers_every_class(b_y, 2, 1) and not covers_every_class(b_y, 2, 2)
+
+
+def test_federation_gate_weight_sums_every_sites_counts():
+    from common.distill.gate import federation_weight, gate_counts
+
+    # the seed-3 situation: site A's test part holds class 0 only, where the
+    # teacher is right; site B shows the teacher wrong on class 1
+    y_a = np.zeros(6, dtype=int)
+    y_b = np.array([0, 0, 1, 1, 1, 1])
+    teacher = lambda y: np.eye(2)[np.zeros_like(y)]  # noqa: E731 - always class 0
+    student = lambda y: np.eye(2)[y]  # noqa: E731 - always right
+    rows = [gate_counts(y, teacher(y), student(y), 2) for y in (y_a, y_b)]
+    # pooled: teacher bACC (1 + 0) / 2 = 0.5, student 1.0 -> floor
+    assert federation_weight(rows, floor=0.0, margin=0.05) == 0.0
+    # site A alone would have passed the teacher (its only class is right)
+    assert gate_weight(1.0, 1.0, floor=0.0, margin=0.05) == 1.0
+    assert federation_weight([rows[0]], floor=0.0, margin=0.05) is None
+    assert federation_weight([{"train_loss": 1.0}], floor=0.0, margin=0.05) is None

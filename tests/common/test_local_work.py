@@ -86,15 +86,16 @@ def test_kept_momentum_matches_one_uninterrupted_sgd_run():
     assert cfg.train.optimizer_state == "reset"  # the default
 
 
-def test_site_keeps_the_buffer_in_its_state_only_when_asked():
-    keep = _cfg("train.optimizer_state=keep", "train.local_steps=2")
+def test_site_keeps_the_buffer_in_its_state_only_when_asked(tmp_path):
+    keep = _cfg("train.optimizer_state=keep", "train.local_steps=2",
+                f"data.cache_dir={tmp_path}")
     m = create_student("fedkd_cnn_tiny", 2, 1)
     state = RecordDict()
-    carry = load_carry(keep, state)
+    carry = load_carry(keep, state, 1, "site-0")
     assert carry is not None and carry.state is None  # round 1: nothing yet
     train_local(m, _data(), keep.train, keep.distill, seed=0, carry=carry)
-    save_carry(state, carry)
-    back = load_carry(keep, state)
+    save_carry(keep, state, carry, 1, "site-0")
+    back = load_carry(keep, state, 2, "site-0")
     assert set(back.state) == set(carry.state)
     for i, st in carry.state.items():
         torch.testing.assert_close(back.state[i]["momentum_buffer"],
@@ -107,7 +108,16 @@ def test_site_keeps_the_buffer_in_its_state_only_when_asked():
     train_local(m2, _data(), keep.train, keep.distill, seed=1, carry=back)
     train_local(m3, _data(), keep.train, keep.distill, seed=1)
     assert not torch.equal(m2.fc.weight, m3.fc.weight)
-    assert load_carry(_cfg(), state) is None  # reset ignores any kept state
+    assert load_carry(_cfg(), state, 2, "site-0") is None  # reset ignores it
+    # a restarted site (empty context.state) continues from its file on disk
+    again = load_carry(keep, RecordDict(), 2, "site-0")
+    for i, st in carry.state.items():
+        torch.testing.assert_close(again.state[i]["momentum_buffer"],
+                                   st["momentum_buffer"], rtol=0, atol=0)
+    # a state saved after a later round is not used for an earlier one
+    save_carry(keep, state, carry, 2, "site-0")
+    assert load_carry(keep, RecordDict(), 2, "site-0").state is not None  # round 1
+    assert load_carry(keep, state, 5, "site-0").state is None
 
 
 def test_bad_lever_values_name_the_key():
