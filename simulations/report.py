@@ -383,7 +383,7 @@ def sanity_anchor(records: list[dict], report: dict, sv: Any = None) -> list[str
         return [f"**IID sanity anchor: not measured** (no paired runs of {fed} and "
                 f"{pooled}).", ""]
     holds = d["mean"] * 100 >= -ANCHOR_POINTS
-    word = "holds" if holds else "**FAILS**"
+    word = "holds" if holds else "FAILS"
     ci = (f", 95 % CI [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}]" if d["n"] > 1
           else " (one seed, no interval)")
     return [f"**IID sanity anchor {word}**: {fed} − {pooled} = "
