@@ -141,7 +141,7 @@ def _batches(pool: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, epochs)
             if cfg.local_steps and steps >= cfg.local_steps:
                 return
         epoch += 1
-        if epoch > 0 and steps == 0:
+        if steps == 0:
             return  # no usable batch at all; train_local reports it
 
 
