@@ -7,6 +7,10 @@ so the head solved from it is the pooled ridge probe whatever the partition
 (Fed3R, Fani et al., ICML 2024). It is solved once per (re)start, from the
 sites that answered the handshake, and sent with the student every round;
 the sites distil from it and never train it, so it cannot drift.
+
+Ridge scores are not logits, so the server also scales the head (one factor
+for every site, `ridge.gaussian_logit_scale`, fitted from the same sums): a
+site needs no labelled image of its own to distil from it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def solve_head(
     total = ridge.sum_stats([stats[n] for n in sorted(stats)])
     try:
         weight, bias = ridge.solve(total, cfg.teacher.head_lambda, "balanced")
+        scale = ridge.gaussian_logit_scale(total, weight, bias)
     except ValueError as err:  # e.g. a class no site holds a labelled image of
         raise FedKDError(
             f"teacher.head=closed_form cannot be solved from sites "
@@ -54,15 +59,16 @@ def solve_head(
         ) from err
     log.info(
         "closed-form teacher head from %d sites, %d labelled feature rows, "
-        "class counts %s (lambda %g)",
+        "class counts %s (lambda %g, logit scale %.3g)",
         len(stats),
         total.n,
         total.class_counts.tolist(),
         cfg.teacher.head_lambda,
+        scale,
     )
     return {
-        f"{HEAD_PREFIX}weight": weight.astype(np.float32),
-        f"{HEAD_PREFIX}bias": bias.astype(np.float32),
+        f"{HEAD_PREFIX}weight": (scale * weight).astype(np.float32),
+        f"{HEAD_PREFIX}bias": (scale * bias).astype(np.float32),
     }
 
 

@@ -83,12 +83,11 @@ def _head_for_round(
     seed: int,
 ) -> tuple[nn.Linear, nn.Linear | None]:
     """(head giving this round's soft targets, head to send back or None)."""
-    feats, labels = _labelled_features(site)
     if cfg.teacher.head == "closed_form":
-        # the server's ridge head, the same at every site and in every round;
-        # only its logit scale is the site's (fitted on its labelled features)
-        head = _load_head(arrays, feats.shape[1], num_classes)
-        return _scaled(head, feats, labels), None
+        # the server's ridge head, scaled to logits there: the same at every
+        # site and in every round, and usable by a site without labels
+        return _load_head(arrays, site.feats_train.shape[-1], num_classes), None
+    feats, labels = _labelled_features(site)
     if cfg.teacher.head == "local":
         if LOCAL_HEAD_KEY in state:
             head = _load_head(state[LOCAL_HEAD_KEY], feats.shape[1], num_classes)
@@ -133,23 +132,6 @@ def head_stats(site: PreparedSite, num_classes: int) -> dict[str, np.ndarray]:
     feats, labels = _labelled_features(site)
     stats = ridge.site_stats(feats.double().numpy(), labels.numpy(), num_classes)
     return ridge.to_arrays(stats)
-
-
-def _scaled(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> nn.Linear:
-    """`head` with its logits scaled to minimise cross-entropy on (feats, labels).
-
-    A ridge head regresses one-hot targets, so its raw outputs are far too
-    flat to serve as logits at temperature T; the fitted scale calibrates them
-    (argmax, and so every accuracy, is unchanged).
-    """
-    with torch.no_grad():
-        scores = head_logits(head, feats).double().numpy()
-    scale = ridge.fit_logit_scale(scores, labels.numpy())
-    out = nn.Linear(head.in_features, head.out_features)
-    with torch.no_grad():
-        out.weight.copy_(head.weight * scale)
-        out.bias.copy_(head.bias * scale)
-    return out
 
 
 def _fit(

@@ -20,7 +20,10 @@ label prior. One-hot and +-1 targets give the same head up to logits 2s - 1
 (the bias is not penalised), so the choice does not change the probe.
 
 Ridge scores are not calibrated logits (about [0, 1] with one-hot targets):
-`fit_logit_scale` finds the temperature-like factor that makes them so.
+`fit_logit_scale` finds the temperature-like factor that makes them so, and
+`gaussian_logit_scale` fits it from the same sums (the scores of each class
+are modelled as a Gaussian with that class's mean and covariance), so the
+server can calibrate the head without any site's rows.
 Written by hand: scikit-learn's Ridge needs the rows, which never leave a site.
 """
 
@@ -288,6 +291,40 @@ def fit_logit_scale(
     return float(np.exp(res.x))
 
 
+def gaussian_logit_scale(
+    stats: RidgeStats,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    samples_per_class: int = 4000,
+    seed: int = 0,
+) -> float:
+    """The logit scale of head (W, b), fitted from the summed statistics alone.
+
+    Each class's scores W phi + b are drawn from a Gaussian with the class's
+    mean and covariance (from its counts, sums and Gram; a linear score over
+    many features is close to Gaussian), the same number per class so that the
+    scale carries no label prior, and `fit_logit_scale` is run on the draws.
+    Deterministic for a given seed. Classes without examples are skipped.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    scores, labels = [], []
+    for c in np.flatnonzero(stats.class_counts > 0):
+        n = float(stats.class_counts[c])
+        mu = stats.class_sum[c] / n
+        cov = stats.class_gram[c] / n - np.outer(mu, mu)
+        s_cov = w @ cov @ w.T
+        s_cov = 0.5 * (s_cov + s_cov.T)
+        draws = rng.multivariate_normal(w @ mu + b, s_cov, samples_per_class,
+                                        method="eigh", check_valid="ignore")
+        scores.append(draws)
+        labels.append(np.full(samples_per_class, c))
+    if len(scores) < 2:
+        raise ValueError("a logit scale needs examples of at least two classes")
+    return fit_logit_scale(np.concatenate(scores), np.concatenate(labels))
+
+
 __all__ = [
     "CLASS_WEIGHTS",
     "PREFIX",
@@ -295,6 +332,7 @@ __all__ = [
     "RidgeStats",
     "add",
     "fit_logit_scale",
+    "gaussian_logit_scale",
     "from_arrays",
     "ridge_head",
     "site_stats",

@@ -17,6 +17,41 @@ def test_round_trip(tmp_path):
     assert (tmp_path / "checkpoints" / "round-0003.pt").is_file()
 
 
+def test_server_optimiser_moments_round_trip_as_arrays(tmp_path):
+    """NumPy moments (FedAvgM's momentum, FedAdam's m_t) survive weights_only."""
+    moments = [np.arange(3, dtype=np.float32), np.ones((2, 2), np.float64)]
+    extra = {"optimizer_state": {"momentum_vector": moments, "step": np.int64(4)},
+             "last_row": {"acc": np.float32(0.5), "sites": ("a", "b")}}
+    checkpoint.save_checkpoint(tmp_path, 2, {}, extra)
+    ck = checkpoint.load_checkpoint(tmp_path)
+    got = ck["optimizer_state"]["momentum_vector"]
+    assert all(isinstance(g, np.ndarray) for g in got)
+    for g, m in zip(got, moments, strict=True):
+        assert g.dtype == m.dtype
+        np.testing.assert_array_equal(g, m)
+    assert ck["optimizer_state"]["step"] == 4
+    assert ck["last_row"] == {"acc": 0.5, "sites": ("a", "b")}
+
+
+class _Payload:
+    """An object whose unpickling would run code (os.system in a real attack)."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading a checkpoint",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "checkpoints" / "latest.pt"
+    path.parent.mkdir()
+    torch.save({"format": checkpoint.FORMAT_VERSION, "round": 1, "arrays": {},
+                "evil": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        checkpoint.load_checkpoint(tmp_path)
+    assert "code ran" not in capsys.readouterr().out
+
+
 def test_interrupted_write_keeps_previous_latest(tmp_path, monkeypatch):
     arrays = {"student.w": np.ones(4, dtype=np.float32)}
     checkpoint.save_checkpoint(tmp_path, 1, arrays, {})

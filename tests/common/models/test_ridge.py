@@ -8,6 +8,7 @@ import torch
 
 from common.models.ridge import (
     fit_logit_scale,
+    gaussian_logit_scale,
     from_arrays,
     ridge_head,
     site_stats,
@@ -167,3 +168,23 @@ def test_fit_logit_scale_recovers_known_scale():
 
     assert abs(s - s_true) / s_true < 0.1
     assert fit_logit_scale(scores, labels) == s
+
+
+def test_gaussian_logit_scale_matches_the_fit_on_the_rows():
+    """On Gaussian classes the scale from the sums equals the scale fitted on rows."""
+    rng = np.random.default_rng(1)
+    d, n = 6, 6000
+    means = rng.normal(0, 1.0, (K, d))
+    x = np.concatenate([rng.normal(means[c], 1.5, (n, d)) for c in range(K)])
+    y = np.repeat(np.arange(K), n)
+    stats = site_stats(x, y, K)
+    w, b = solve(stats, LAM)
+
+    from_sums = gaussian_logit_scale(stats, w, b)
+
+    from_rows = fit_logit_scale(x @ w.T + b, y)
+    assert abs(from_sums - from_rows) / from_rows < 0.05
+    assert gaussian_logit_scale(stats, w, b) == from_sums  # deterministic
+    one_class = site_stats(x[y == 0], y[y == 0], K)
+    with pytest.raises(ValueError, match="two classes"):
+        gaussian_logit_scale(one_class, w, b)
