@@ -1,7 +1,9 @@
 """The site's Flower ClientApp: thin handlers over `client.site`.
 
 Each handler unpacks the message, calls plain functions, and packs the reply.
-Only the student (and federated head) arrays and scalar metrics are replied.
+Only the student (and federated head) arrays and scalar metrics are replied,
+plus summed statistics: the ridge sums in the handshake, and the calibration
+sums of the final model (queries `calibrate` and `ood_threshold`).
 Configs and prepared sites come from `site_cache` (one per process); what a
 site keeps across rounds is in `context.state`.
 """
@@ -24,19 +26,25 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.site import (
+    calibration_stats,
     evaluate_round,
     head_stats,
     site_cache,
     site_info,
+    threshold_stats,
     train_round,
     uses_teacher,
 )
+from common import ood
 from common.config import ExperimentConfig
 from common.errors import MessageError
 from common.serialization import (
+    CALIBRATION_PREFIXES,
+    CALIBRATION_RECORD,
     EVAL_RECEIVED,
     EVAL_RECORD,
     FEDERATION_KD_WEIGHT,
+    REFERENCE_RECORD,
     STATS_RECORD,
     pack,
     pack_stats,
@@ -139,3 +147,52 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _stats_reply(msg: Message, name: str, stats: dict) -> Message:
+    """A reply carrying only summed statistics (`calib.`/`ood.`) and the site name."""
+    content = RecordDict(
+        {
+            CALIBRATION_RECORD: pack_stats(stats, CALIBRATION_PREFIXES),
+            "site": ConfigRecord({"name": name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("calibrate")  # message type CALIBRATE (common/serialization.py)
+def calibrate(msg: Message, context: Context) -> Message:
+    """After the last round: the final model's sums for temperature and OOD fit."""
+    cfg, conf = _unpack(msg)
+    site = site_cache.site(cfg, dict(context.node_config))
+    stats = calibration_stats(cfg, site, _arrays(msg), int(conf["num-classes"]))
+    return _stats_reply(msg, site.name, stats)
+
+
+def _reference(msg: Message, conf: ConfigRecord) -> ood.Reference | None:
+    """The federation's OOD reference sent with the message, if any."""
+    if REFERENCE_RECORD not in msg.content.array_records:
+        return None
+    rec = msg.content[REFERENCE_RECORD]
+    try:
+        return ood.reference_from_arrays(
+            {k: rec[k].numpy() for k in rec.keys()}, bool(conf.get("classwise", True))
+        )
+    except ValueError as err:
+        raise MessageError(f"bad '{REFERENCE_RECORD}': {err}") from err
+
+
+@app.query("ood_threshold")  # message type OOD_THRESHOLD
+def ood_threshold(msg: Message, context: Context) -> Message:
+    """Held-out score histogram and calibration bins under the fitted reference."""
+    cfg, conf = _unpack(msg)
+    site = site_cache.site(cfg, dict(context.node_config))
+    stats = threshold_stats(
+        cfg,
+        site,
+        _arrays(msg),
+        int(conf["num-classes"]),
+        _reference(msg, conf),
+        float(conf.get("temperature", 1.0)),
+    )
+    return _stats_reply(msg, site.name, stats)

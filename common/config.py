@@ -272,6 +272,27 @@ class PrivacyConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    # What the final model says about its own answers, fitted after the last
+    # round from sums the sites send for the final model (common/calibration.py,
+    # common/ood.py; docs/security.md says what they reveal). Skipped with
+    # privacy.dp: the sums carry no noise.
+    # temperature scaling (Guo et al. 2017) on the sites' held-out test parts
+    temperature: bool = True
+    # out-of-distribution check stored with the model: mahalanobis (Lee et al.
+    # 2018, in the student's pooled features; per class, or one class-agnostic
+    # Gaussian when privacy.share_class_counts is false) | none
+    ood: str = knob("mahalanobis", choices=("mahalanobis", "none"))
+    # share of in-distribution images the check may flag (its false-alarm rate),
+    # chosen on the sites' held-out test parts ...
+    ood_false_alarm: float = knob(0.05, bounds="(0, 0.5]")
+    # ... so that it holds on new images with this confidence
+    ood_confidence: float = knob(0.9, bounds="[0.5, 0.999]")
+    # shrinkage of the shared feature covariance towards its mean variance
+    ood_shrinkage: float = knob(0.01, bounds="[0, 1]")
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/default"
     # name of the run, written into the model card
@@ -301,6 +322,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -618,6 +640,7 @@ def split_overrides(text: str) -> list[str]:
 
 __all__ = [
     "CHOICES",
+    "CalibrationConfig",
     "DataConfig",
     "DistillConfig",
     "ExperimentConfig",

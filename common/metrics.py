@@ -75,3 +75,42 @@ def summarize(labels: np.ndarray, probs: np.ndarray, loss: float) -> dict[str, f
         "loss": float(loss),
         "num-examples": float(len(labels)),
     }
+
+
+ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) report ECE
+
+
+def calibration_bins(
+    labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
+) -> np.ndarray:
+    """Per confidence bin: (count, sum of confidences, correct count), (3, bins).
+
+    Sums, so the bins of several sites add up to the bins of their union.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1) if len(probs) else np.empty(0)
+    correct = (probs.argmax(axis=1) == labels) if len(probs) else np.empty(0)
+    # bin i holds confidences in (i/bins, (i+1)/bins]; 0 joins the first bin
+    idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    out = np.zeros((3, bins))
+    np.add.at(out[0], idx, 1.0)
+    np.add.at(out[1], idx, conf)
+    np.add.at(out[2], idx, correct.astype(np.float64))
+    return out
+
+
+def ece_from_bins(bins: np.ndarray) -> float:
+    """Expected calibration error from (summed) `calibration_bins`; NaN if empty."""
+    count, conf, correct = np.asarray(bins, dtype=np.float64)
+    total = count.sum()
+    if total == 0:
+        return math.nan
+    return float(np.abs(conf - correct).sum() / total)
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE: the count-weighted mean |confidence - accuracy| over confidence bins."""
+    return ece_from_bins(calibration_bins(labels, probs, bins))

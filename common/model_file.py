@@ -1,10 +1,13 @@
 """The deployable student file: one writer, one reader.
 
 `save_student` writes `final/model.pt` (weights, arch, classes and the exact
-preprocessing used in training) with a SHA-256 over all of it; `load_model`
-reads it back for prediction and export, refusing files whose hash does not
-match (a flipped byte, edited classes or image size), whose weights are not
-finite, or whose recorded preprocessing this code does not implement.
+preprocessing used in training, and, when fitted, the calibration temperature
+and the out-of-distribution reference) with a SHA-256 over all of it;
+`load_model` reads it back for prediction and export, refusing files whose hash
+does not match (a flipped byte, edited classes, image size or temperature),
+whose weights are not finite, or whose recorded preprocessing this code does
+not implement. Files written before calibration existed lack those two blocks
+and still load (`ModelMeta.temperature` and `.ood` are then None).
 """
 
 from __future__ import annotations
@@ -24,20 +27,28 @@ import yaml
 from torch import nn
 
 from common.atomic import atomic_write_bytes
+from common.calibration import Calibration
 from common.config import ExperimentConfig
 from common.data.views import STUDENT_MEAN, STUDENT_STD, decode_size
 from common.errors import CheckpointError
 from common.models.student import create_student
+from common.ood import Reference
 from common.serialization import STUDENT_PREFIX
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "fedkd-student-2"  # -2: carries "sha256" (files of -1 do not)
+# -2: carries "sha256" (files of -1 do not); -3: may carry the "calibration" and
+# "ood" blocks (an older fedkd then refuses the file by its format, not its hash)
+MODEL_FORMAT = "fedkd-student-3"
+READABLE_FORMATS = ("fedkd-student-2", MODEL_FORMAT)
 REQUIRED_KEYS = ("arch", "num_classes", "in_chans", "classes", "preprocess",
                  "state_dict", "sha256")
 # Everything the hash covers besides the weights: what inference reads.
 HASHED_META = ("format", "arch", "num_classes", "in_chans", "classes", "preprocess",
                "teacher", "config_yaml")
+# Blocks added later: hashed when present, so files without them keep their hash
+# and a block added to, removed from or edited in a file breaks it.
+OPTIONAL_HASHED = ("calibration", "ood")
 EXPORT_FORMAT = "fedkd-export-1"  # sidecar JSON of server.export, tied to a hash
 RESIZE = "bilinear-antialias"  # what to_student_tensor implements
 
@@ -58,6 +69,13 @@ class ModelMeta:
     preprocess: dict[str, Any]  # the stored preprocess block, verbatim
     teacher: dict[str, Any] = field(default_factory=dict)  # as in the model card
     sha256: str = ""           # content hash of weights + metadata (checked on load)
+    calibration: Calibration | None = None  # temperature scaling; None: not fitted
+    ood: Reference | None = None  # out-of-distribution reference; None: no check
+
+    @property
+    def temperature(self) -> float:
+        """The divisor of the logits before softmax (1.0 when not calibrated)."""
+        return self.calibration.temperature if self.calibration else 1.0
 
     @property
     def pil_mode(self) -> str:
@@ -106,9 +124,9 @@ def _read_payload(path: Path) -> dict[str, Any]:
             "SHA-256, so its integrity cannot be checked; re-create it with this "
             "fedkd version"
         )
-    if fmt != MODEL_FORMAT:
+    if fmt not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{path} has format {fmt!r}, expected {MODEL_FORMAT!r}; pass "
+            f"{path} has format {fmt!r}, expected one of {READABLE_FORMATS}; pass "
             "final/model.pt of a run (round checkpoints are not deployable models)"
         )
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -139,7 +157,26 @@ def content_hash(payload: dict[str, Any]) -> str:
         t = payload["state_dict"][name]
         h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(_tensor_bytes(t))
+    for block in OPTIONAL_HASHED:
+        if block in payload:
+            _hash_block(h, block, payload[block])
     return h.hexdigest()
+
+
+def _hash_block(h: Any, name: str, block: Any) -> None:
+    """Feed an optional block to `h`: its plain data as JSON, its tensors as bytes."""
+    items = block.items() if isinstance(block, dict) else []
+    tensors = {k: v for k, v in items if isinstance(v, torch.Tensor)}
+    plain = (
+        {k: v for k, v in block.items() if k not in tensors}
+        if isinstance(block, dict)
+        else block
+    )
+    h.update(f"\n[{name}]{json.dumps(plain, sort_keys=True, default=str)}\n".encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"\n{name}.{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
 
 
 def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -189,6 +226,7 @@ def _meta(path: Path, payload: dict[str, Any]) -> ModelMeta:
             f"{path}: {len(classes)} class names for num_classes="
             f"{payload['num_classes']}; the file is inconsistent"
         )
+    calibration, ood = _trust_blocks(path, payload)
     return ModelMeta(
         path=path,
         arch=str(payload["arch"]),
@@ -201,7 +239,28 @@ def _meta(path: Path, payload: dict[str, Any]) -> ModelMeta:
         preprocess=pre,
         teacher=dict(payload.get("teacher") or {}),
         sha256=str(payload["sha256"]),
+        calibration=calibration,
+        ood=ood,
     )
+
+
+def _trust_blocks(
+    path: Path, payload: dict[str, Any]
+) -> tuple[Calibration | None, Reference | None]:
+    """The stored temperature and OOD reference (None where the file has none)."""
+    try:
+        calibration = (
+            Calibration.from_payload(payload["calibration"])
+            if payload.get("calibration")
+            else None
+        )
+        ood = Reference.from_payload(payload["ood"]) if payload.get("ood") else None
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: unusable calibration or out-of-distribution block ({err}); "
+            "re-create the file with this fedkd version"
+        ) from err
+    return calibration, ood
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
@@ -218,6 +277,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
             f"({str(err).splitlines()[0][:160]}); the file is corrupt or mislabelled"
         ) from err
     model.eval()
+    width = getattr(model, "num_features", None)
+    if meta.ood is not None and width != meta.ood.dim:
+        raise CheckpointError(
+            f"{model_path}: the out-of-distribution reference has {meta.ood.dim} "
+            f"features, the student {width}; the file is inconsistent"
+        )
     log.info("loaded %s (%s, %d classes, %dpx, %d channel(s))", model_path,
              meta.arch, len(meta.classes), meta.image_size, meta.in_chans)
     return model, meta
@@ -230,9 +295,12 @@ def save_student(
     classes: list[str],
     channels: int,
     teacher: dict[str, Any],
+    calibration: Calibration | None = None,
+    ood: Reference | None = None,
 ) -> None:
     """Write the student's weights with everything inference needs, and its hash.
 
+    `calibration` and `ood` (when fitted) are stored in blocks the hash covers.
     Refuses non-finite weights; removes exports of an earlier model beside it.
     """
     state = {
@@ -258,6 +326,13 @@ def save_student(
         "teacher": teacher,
         "config_yaml": cfg.to_yaml(),
     }
+    if calibration is not None:
+        payload["calibration"] = calibration.to_payload()
+    if ood is not None:  # arrays as tensors: torch.load(weights_only) reads them
+        payload["ood"] = {
+            k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+            for k, v in ood.to_payload().items()
+        }
     check_finite(path, state)
     payload["sha256"] = content_hash(payload)
     buf = io.BytesIO()

@@ -65,13 +65,28 @@ STATS_RECORD = "ridge-stats"
 STATS_PREFIX = "ridge."
 
 
-def pack_stats(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """The ridge statistics as sent: float64 kept, nothing but `ridge.` arrays."""
-    bad = [k for k in arrays if not k.startswith(STATS_PREFIX)]
+# calibration.temperature / calibration.ood: after the last round the server
+# sends the final model in a query message of type CALIBRATE; each site replies
+# its sums (NLL on the temperature grid of its held-out part, training-feature
+# sums) in CALIBRATION_RECORD. Then OOD_THRESHOLD carries the fitted reference
+# (REFERENCE_RECORD, `ood.` arrays) and the temperature, and each site replies
+# the histogram of its held-out scores and its calibration bins.
+CALIBRATE = "query.calibrate"
+OOD_THRESHOLD = "query.ood_threshold"
+CALIBRATION_RECORD = "calibration-stats"
+REFERENCE_RECORD = "ood-reference"
+CALIBRATION_PREFIXES = ("calib.", "ood.")
+
+
+def pack_stats(
+    arrays: dict[str, np.ndarray], prefixes: tuple[str, ...] = (STATS_PREFIX,)
+) -> ArrayRecord:
+    """Summed statistics as sent: float64 kept, nothing outside `prefixes`."""
+    bad = [k for k in arrays if not k.startswith(prefixes)]
     if bad:
         raise MessageError(
             f"refusing to send arrays {bad[:3]} as statistics: only "
-            f"'{STATS_PREFIX}' arrays may"
+            f"{list(prefixes)} arrays may"
         )
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 

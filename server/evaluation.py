@@ -13,7 +13,7 @@ from common.data.sources import load_dataset
 from common.data.views import decode_size, to_student_tensor
 from common.errors import FedKDError
 from common.models.head import head_logits
-from common.models.student import create_student
+from common.models.student import create_student, student_outputs
 from common.serialization import HEAD_PREFIX, STUDENT_PREFIX, load_into
 from common.train import evaluate, evaluate_logits
 
@@ -95,6 +95,11 @@ class GlobalEvaluator:
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         """ACC/AUC/loss of the global student on the global test set."""
         return evaluate(self._model(arrays), self.x, self.y)
+
+    def outputs(self, arrays: ArrayRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pooled features, logits, labels) of the student on the global test."""
+        feats, logits = student_outputs(self._model(arrays), self.x)
+        return feats.double().numpy(), logits.double().numpy(), self.y.numpy()
 
     def evaluate_teacher(self, arrays: ArrayRecord) -> dict[str, float]:
         """The federated teacher head on the global test: `teacher_*` metrics.

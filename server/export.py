@@ -5,10 +5,14 @@
 The exported graph takes float32 NCHW images in [0, 1] at the model's input size
 (`preprocess.image_size`; decode and resize as the sidecar's `preprocess.steps`
 say), applies the stored normalisation inside, and returns softmax
-probabilities (N, num_classes). Label names travel inside the file (TorchScript
-extra file `labels.json`, ONNX metadata `labels`) and in a sidecar `<out>.json`
-with the preprocessing. Every export is run and compared with PyTorch (max abs
-difference <= 1e-4) before it is written.
+probabilities (N, num_classes), divided by the model's calibration temperature
+before the softmax when it carries one (a `temperature` buffer in the graph;
+`calibration` in the sidecar and the extra files, ONNX metadata `temperature`).
+Label names travel inside the file (TorchScript extra file `labels.json`, ONNX
+metadata `labels`) and in a sidecar `<out>.json` with the preprocessing. Every
+export is run and compared with PyTorch (max abs difference <= 1e-4) before it
+is written. The out-of-distribution check is not exported: `client.predict`
+runs it.
 
 Exit status: 0 on success, 2 when the model, the tooling or the check fails.
 """
@@ -49,18 +53,22 @@ MAX_CHECK_IMAGES = 16
 
 
 class ExportWrapper(nn.Module):
-    """Student + stored normalisation + softmax: [0, 1] NCHW in, probabilities out."""
+    """Student + stored normalisation + softmax(logits / T): [0, 1] NCHW in,
+    (calibrated) probabilities out."""
 
-    def __init__(self, student: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, student: nn.Module, mean: float, std: float,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.student = student
         # Buffers (not Python floats) so the values are visible in the saved graph.
         self.register_buffer("mean", torch.tensor(mean).float().reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).float().reshape(1, -1, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature)).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, K) for float32 images in [0, 1]."""
-        return torch.softmax(self.student((x - self.mean) / self.std), dim=1)
+        logits = self.student((x - self.mean) / self.std)
+        return torch.softmax(logits / self.temperature, dim=1)
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,10 @@ def describe(meta: ModelMeta, fmt: str, out: Path) -> dict[str, Any]:
                   "range": [0.0, 1.0], "batch": "dynamic", "channels": meta.in_chans,
                   "height": meta.image_size, "width": meta.image_size},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(meta.classes)],
-                   "meaning": "softmax probabilities; column i is labels[i]"},
+                   "meaning": "softmax probabilities; column i is labels[i]"
+                   + (f"; calibrated (logits / {meta.temperature:.6g})"
+                      if meta.calibration else "; not calibrated")},
+        "calibration": _calibration_entry(meta),
         "preprocess": {
             **meta.preprocess,
             "decode_size": meta.decode_size,
@@ -134,10 +145,21 @@ def describe(meta: ModelMeta, fmt: str, out: Path) -> dict[str, Any]:
                 f"resize to {meta.image_size}x{meta.image_size}, bilinear with "
                 "antialias (torch.nn.functional.interpolate)",
                 "divide by 255 -> float32 [0, 1] NCHW (the model input)",
-                f"inside the model: (x - {meta.mean}) / {meta.std}, student, softmax",
+                f"inside the model: (x - {meta.mean}) / {meta.std}, student, "
+                f"logits / {meta.temperature:.6g} (temperature), softmax",
             ],
         },
         "teacher": meta.teacher,
+    }
+
+
+def _calibration_entry(meta: ModelMeta) -> dict[str, Any]:
+    """The temperature inside the export, and what the export leaves out."""
+    return {
+        "temperature": meta.temperature,
+        "calibrated": meta.calibration is not None,
+        "ood_check": "not in the export: run python -m client.predict for the "
+        "in_distribution column" if meta.ood is not None else "none in the model",
     }
 
 
@@ -164,7 +186,7 @@ def to_torchscript(wrapper: nn.Module, example: torch.Tensor,
 
 def _extra_files(info: dict[str, Any]) -> dict[str, str]:
     """labels.json and preprocess.json texts stored inside an export."""
-    contract = {k: info[k] for k in ("input", "output", "preprocess")}
+    contract = {k: info[k] for k in ("input", "output", "preprocess", "calibration")}
     return {"labels.json": json.dumps(info["labels"]),
             "preprocess.json": json.dumps(contract)}
 
@@ -194,7 +216,8 @@ def to_onnx(wrapper: nn.Module, example: torch.Tensor, info: dict[str, Any]) -> 
     proto = onnx.load_from_string(buf.getvalue())
     extra = _extra_files(info)
     props = {"format": EXPORT_FORMAT, "labels": extra["labels.json"],
-             "preprocess": extra["preprocess.json"]}
+             "preprocess": extra["preprocess.json"],
+             "temperature": repr(float(info["calibration"]["temperature"]))}
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
@@ -243,7 +266,7 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     model, meta = load_model(model_path)
     out = Path(out) if out else meta.path.with_name("model" + SUFFIXES[fmt])
     info = describe(meta, fmt, out)
-    wrapper = ExportWrapper(model, meta.mean, meta.std).eval()
+    wrapper = ExportWrapper(model, meta.mean, meta.std, meta.temperature).eval()
     gen = torch.Generator().manual_seed(seed)
     shape = (meta.in_chans, meta.image_size, meta.image_size)
     example = torch.rand((2, *shape), generator=gen)

@@ -5,7 +5,8 @@ what `Strategy.start` lacks for hospitals: resuming from a checkpoint, a
 minimum number of sites per round with retries, a history row and an atomic
 checkpoint per round, and a final model with its card. `run_federation` reads
 top to bottom: handshake, start (or resume), one `_run_round` per round, the
-final evaluation (eval_in_train), `finish`.
+final evaluation (eval_in_train), the final model's calibration (temperature
+and out-of-distribution check: server/calibration.py), `finish`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from common.serialization import (
 )
 from common.site_info import SiteInfo
 from server import checkpoint, history, model_card, privacy
+from server.calibration import Fitted, calibrate, training_data
 from server.evaluation import GlobalEvaluator
 from server.plots import plot_history
 from server.rounds import (
@@ -255,6 +257,13 @@ def run_federation(
         _run_round(run, rnd)
     if run.pending is not None:
         _evaluate_final(run)
+    fitted = calibrate(
+        run.ctx,
+        run.arrays,
+        len(run.classes),
+        training_data(cfg, run.site_rows),
+        run.evaluator,
+    )
     return finish(
         run.run_dir,
         cfg,
@@ -264,6 +273,7 @@ def run_federation(
         run.channels,
         run.teacher,
         run.last,
+        fitted,
     )
 
 
@@ -573,13 +583,22 @@ def finish(
     channels: int,
     teacher: dict,
     last: dict,
+    fitted: Fitted | None = None,
 ) -> dict:
-    """Save the final student, its model card and the accuracy plot."""
+    """Save the final student (with its calibration), model card and plot."""
     final_dir = run_dir / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
     arr = _record_to_dict(arrays)
+    fitted = fitted or Fitted()
     model_file.save_student(
-        final_dir / "model.pt", arr, cfg, classes, channels, teacher
+        final_dir / "model.pt",
+        arr,
+        cfg,
+        classes,
+        channels,
+        teacher,
+        calibration=fitted.calibration,
+        ood=fitted.ood,
     )
     params = count_params(create_student(cfg.student.arch, len(classes), channels))
     metrics = {
@@ -596,6 +615,7 @@ def finish(
         teacher=teacher,
         params=params,
         privacy=last.get("privacy"),
+        calibration=fitted.report,
     )
     model_card.write_card(final_dir, card)
     plot_history(

@@ -43,8 +43,10 @@ def build_card(
     teacher: dict[str, Any],
     params: int,
     privacy: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The model card as plain data (`privacy`: the last history row's DP entry)."""
+    """The model card as plain data (`privacy`: the last history row's DP entry;
+    `calibration`: server.calibration's report on the final model)."""
     return {
         "model": {
             "arch": cfg.student.arch,
@@ -65,10 +67,11 @@ def build_card(
             "transfer_dtype": cfg.federation.transfer_dtype,
             "dp": _dp_entry(cfg, privacy),
         },
-        "shared_with_server": _shared(cfg, site_infos),
+        "shared_with_server": _shared(cfg, site_infos, calibration),
         "teacher": teacher,
         "data": _data_entry(cfg, site_infos),
         "metrics": final_metrics,
+        "calibration": calibration or {"skipped": "not run"},
         "intended_use": (
             "Research on federated knowledge distillation for medical image "
             "classification. NOT a medical device: not validated for diagnosis, "
@@ -114,7 +117,11 @@ def _dp_entry(cfg: ExperimentConfig, privacy: dict[str, Any] | None) -> dict:
     return entry
 
 
-def _shared(cfg: ExperimentConfig, site_infos: list[dict]) -> dict[str, Any]:
+def _shared(
+    cfg: ExperimentConfig,
+    site_infos: list[dict],
+    calibration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What every site sent the server besides model updates and scalar metrics."""
     keys = sorted({k for s in site_infos for k in s})
     out = {
@@ -130,6 +137,20 @@ def _shared(cfg: ExperimentConfig, site_infos: list[dict]) -> dict[str, Any]:
             "matrices of the labelled teacher features (closed-form head; they "
             "reveal each class's count, feature mean and feature covariance at "
             "the site, never an image or one image's features)"
+        )
+    if calibration and not calibration.get("skipped"):
+        per_class = (calibration.get("ood") or {}).get("classwise", True)
+        out["calibration_statistics"] = (
+            "once, for the final model: the summed NLL over a fixed temperature "
+            "grid and the calibration bins of the held-out test part; "
+            + (
+                "per-class counts and feature sums"
+                if per_class
+                else "the count and feature sum (class-agnostic)"
+            )
+            + " and the feature Gram matrix of the training images in the "
+            "student's feature space; the histogram of the held-out images' "
+            "out-of-distribution scores (docs/security.md)"
         )
     return out
 
@@ -190,8 +211,64 @@ def render_markdown(card: dict[str, Any]) -> str:
                 f"| {name} | {_fmt(m.get('eval/acc', ''))} | "
                 f"{_fmt(m.get('eval/auc', 'n/a'))} |"
             )
+    lines += _calibration_lines(card.get("calibration") or {})
     lines += ["", f"Created {card['created']}.", ""]
     return "\n".join(lines)
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, float) else "n/a"
+
+
+def _calibration_lines(c: dict[str, Any]) -> list[str]:
+    """The card's calibration and out-of-distribution section."""
+    lines = ["", "## Calibration and out-of-distribution check", ""]
+    if c.get("skipped"):
+        return lines + [
+            f"- **not fitted**: {c['skipped']}. Probabilities are uncalibrated "
+            "and `client.predict` checks no input."
+        ]
+    t = c.get("temperature")
+    if t:
+        lines.append(
+            f"- temperature scaling: **T = {t['temperature']:.3f}** "
+            f"(probabilities = softmax(logits / T)), fitted on {t['fitted_on']}, "
+            f"{t['images']} images; mean NLL there {t['nll_before']:.4f} -> "
+            f"{t['nll_after']:.4f}"
+        )
+    else:
+        lines.append("- temperature scaling: **not fitted** (see the run's log)")
+    if "ece_global_test_before" in c:
+        lines.append(
+            f"- ECE on the global test ({c.get('global_test_images')} images, 15 "
+            f"bins): **{_fmt(c['ece_global_test_before'])} before, "
+            f"{_fmt(c.get('ece_global_test_after', 'n/a'))} after** calibration"
+        )
+    if "ece_sites_before" in c:
+        lines.append(
+            f"- ECE on the sites' held-out parts (where T was fitted): "
+            f"{_fmt(c['ece_sites_before'])} before, "
+            f"{_fmt(c.get('ece_sites_after', 'n/a'))} after"
+        )
+    o = c.get("ood")
+    if not o:
+        return lines + ["- out-of-distribution check: **not fitted** (see the log)"]
+    lines += [
+        f"- out-of-distribution score: {o['score']}; reference: "
+        f"{o['reference_images']} training images ({c.get('data', '')})",
+        f"- threshold **{o['threshold']:.4g}**, chosen on {o['held_out']} held-out "
+        f"images so that at most {_pct(o['false_alarm'])} of new "
+        f"in-distribution images are flagged, with confidence "
+        f"{o['confidence']:.2f}; flagged: **{_pct(o['held_out_flagged'])} of the "
+        f"held-out images**"
+        + (
+            f", **{_pct(c['global_test_flagged'])} of the global test**"
+            if "global_test_flagged" in c
+            else ""
+        ),
+        f"- what it cannot catch: {o['cannot_catch']}",
+    ]
+    return lines
 
 
 def _data_line(data: dict[str, Any]) -> str:
@@ -234,6 +311,8 @@ def _shared_line(shared: dict[str, Any] | None) -> str:
     keys = ", ".join(f"`{k}`" for k in shared.get("handshake_keys", []))
     stats = shared.get("teacher_head_statistics")
     extra = f"; teacher-head statistics: {stats}" if stats else ""
+    calib = shared.get("calibration_statistics")
+    extra += f"; calibration statistics: {calib}" if calib else ""
     return (
         f"{counts}; handshake keys: {keys}; each round: "
         f"{shared.get('per_round')}{extra}"

@@ -8,13 +8,15 @@ One job per module:
 - `cache`: `SiteCache`, the per-process cache, and `site_cache`, its one
   instance;
 - `carry`: the optimiser state a site keeps across rounds;
-- `round`: `train_round` / `evaluate_round` and the per-round helpers.
+- `round`: `train_round` / `evaluate_round` and the per-round helpers;
+- `calibration`: the sums a site sends to calibrate the final model.
 
 The ClientApp handlers (client/app.py) look a site up with
 `site_cache.site(cfg, node_config)` and call the round functions on it.
 """
 
 from client.site.cache import SiteCache, site_cache
+from client.site.calibration import calibration_stats, threshold_stats
 from client.site.carry import load_carry, save_carry
 from client.site.prepared import PreparedSite, prepare_site, site_info
 from client.site.round import (
@@ -29,6 +31,7 @@ from client.site.teacher import site_device, uses_teacher
 __all__ = [
     "PreparedSite",
     "SiteCache",
+    "calibration_stats",
     "evaluate_round",
     "hash_name",
     "head_stats",
@@ -39,6 +42,7 @@ __all__ = [
     "site_device",
     "site_info",
     "site_seed",
+    "threshold_stats",
     "train_round",
     "uses_teacher",
 ]

@@ -58,3 +58,35 @@ def load_dataset(
         ds.channels,
     )
     return ds
+
+
+# What a source's images show, for messages about inputs that do not look like
+# them ("do not look like the training data (brain MRI, 64 px)").
+MODALITIES = {
+    "br35h": "brain MRI",
+    "pneumoniamnist": "chest X-ray",
+    "chestmnist": "chest X-ray",
+    "breastmnist": "breast ultrasound",
+    "dermamnist": "dermatoscope image",
+    "octmnist": "retinal OCT",
+    "retinamnist": "fundus photograph",
+    "bloodmnist": "blood-cell microscopy",
+    "pathmnist": "colon pathology",
+    "tissuemnist": "kidney-cortex microscopy",
+    "organamnist": "abdominal CT",
+    "organcmnist": "abdominal CT",
+    "organsmnist": "abdominal CT",
+}
+
+
+def describe_source(source: str) -> str:
+    """A few words for what a `data.source` holds: its modality when known."""
+    kind, _, arg = source.partition(":")
+    if source == "br35h":
+        return MODALITIES["br35h"]
+    name = arg.split("@", 1)[0] if kind == "medmnist" else Path(arg).stem
+    name = name.lower() or source
+    for flag, modality in sorted(MODALITIES.items(), key=lambda kv: -len(kv[0])):
+        if name.startswith(flag):
+            return modality
+    return f"images like {name}"

@@ -124,6 +124,24 @@ def student_features(
     return pre, get_classifier()(pre)
 
 
+@torch.inference_mode()
+def student_outputs(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled pre-logit features, logits) of `model` on `x`, batched, eval mode."""
+    model.eval()
+    feats, logits = [], []
+    for i in range(0, len(x), batch_size):
+        pre, out = student_features(model, x[i : i + batch_size])
+        feats.append(pre.float().cpu())
+        logits.append(out.float().cpu())
+    if not feats:
+        width = int(getattr(model, "num_features", 0))
+        classes = int(getattr(model, "num_classes", 0))
+        return torch.empty(0, width), torch.empty(0, classes)
+    return torch.cat(feats), torch.cat(logits)
+
+
 if "timm" in sys.modules:  # timm already loaded: make the CNNs visible to it now
     _timm()
 
@@ -136,4 +154,5 @@ __all__ = [
     "fedkd_cnn_small",
     "fedkd_cnn_tiny",
     "student_features",
+    "student_outputs",
 ]

@@ -24,12 +24,14 @@ def _msg(kind: str, content: RecordDict) -> Message:
     return Message(content=content, dst_node_id=1, message_type=kind)
 
 
-def _walk_reply(reply: Message, image_count: int) -> dict:
+def _walk_reply(
+    reply: Message, image_count: int, allowed: tuple[str, ...] = ALLOWED_PREFIXES
+) -> dict:
     """Every record of a reply; fail on anything that is not allowed out."""
     seen = {"arrays": [], "metrics": [], "configs": []}
     for name, rec in reply.content.array_records.items():
         for key in rec.keys():
-            assert key.startswith(ALLOWED_PREFIXES), f"{name}/{key} must not leave"
+            assert key.startswith(allowed), f"{name}/{key} must not leave"
             arr = rec[key].numpy()
             assert arr.dtype != np.uint8, "uint8 arrays look like images"
             assert image_count not in arr.shape[:1] or arr.ndim == 1, (

@@ -141,6 +141,7 @@ def test_choices_are_read_from_the_field_declarations():
         "train.optimizer",
         "train.optimizer_state",
         "train.lr_schedule",
+        "calibration.ood",
         "run.engine",
         "run.device",
     }
@@ -163,3 +164,14 @@ def test_a_field_declared_against_its_own_default_fails_at_import(declaration):
 def test_the_first_bad_key_in_file_order_is_reported():
     with pytest.raises(ConfigError, match="'data.source'"):
         load_config(None, ["teacher.head=x", "data.source=x"])
+
+
+def test_calibration_defaults_and_bounds():
+    cfg = load_config(None)
+    c = cfg.calibration
+    assert (c.temperature, c.ood, c.ood_false_alarm, c.ood_confidence) == (
+        True, "mahalanobis", 0.05, 0.9)
+    with pytest.raises(ConfigError, match="calibration.ood_false_alarm"):
+        load_config(None, ["calibration.ood_false_alarm=0.7"])
+    with pytest.raises(ConfigError, match="choose one of: mahalanobis, none"):
+        load_config(None, ["calibration.ood=energy"])

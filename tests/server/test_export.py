@@ -191,3 +191,81 @@ def test_export_is_tied_to_its_model_and_stale_ones_are_removed(tmp_path):
     res2 = export.export_model(run, "torchscript")
     write_student(tmp_path / "run", seed=1)  # the same model again: export kept
     assert res2.path.exists() and res2.sidecar.exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exports_carry_the_calibration_temperature(tmp_path, fmt):
+    from tests.client.test_predict_ood import TEMPERATURE, mri_like, write_model
+
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    run = write_model(tmp_path / "run")
+    out = tmp_path / f"calibrated.{fmt}"
+
+    res = export.export_model(run, fmt, out)
+
+    model, meta = predict.load_model(run)
+    images, _ = mri_like(5, seed=6)
+    x = export.unit_images(images, meta)
+    run_export, _ = load_export(out, fmt)
+    got = run_export(x)
+    np.testing.assert_allclose(got, predict.predict_images(model, meta, images),
+                               atol=1e-4)
+    with torch.no_grad():
+        logits = model((x - meta.mean) / meta.std)
+    np.testing.assert_allclose(
+        got, torch.softmax(logits / TEMPERATURE, 1).numpy(), atol=1e-4)
+    assert not np.allclose(got, torch.softmax(logits, 1).numpy(), atol=1e-3)
+    side = json.loads(res.sidecar.read_text())
+    assert side["calibration"]["temperature"] == TEMPERATURE
+    assert side["calibration"]["calibrated"] is True
+    if fmt == "torchscript":
+        module = torch.jit.load(str(out))
+        assert float(module.temperature) == TEMPERATURE
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        meta_map = session.get_modelmeta().custom_metadata_map
+        assert float(meta_map["temperature"]) == TEMPERATURE
+
+
+def test_model_card_reports_calibration_and_what_the_check_misses(tmp_path):
+    from server.calibration import CANNOT_CATCH
+
+    report = {
+        "sites": ["site-0", "site-1"],
+        "data": "brain MRI, 64 px",
+        "temperature": {"temperature": 1.8, "images": 300, "nll_before": 0.61,
+                        "nll_after": 0.42, "fitted_on": "the held-out test parts"},
+        "ece_global_test_before": 0.112, "ece_global_test_after": 0.031,
+        "global_test_images": 600, "global_test_flagged": 0.035,
+        "ece_sites_before": 0.1, "ece_sites_after": 0.02,
+        "ood": {"score": "Mahalanobis", "classwise": True, "threshold": 2.31,
+                "false_alarm": 0.05, "confidence": 0.91, "held_out": 336,
+                "held_out_flagged": 0.033, "reference_images": 1344,
+                "shrinkage": 0.01, "cannot_catch": CANNOT_CATCH},
+    }
+    cfg = load_config(None, ["data.source=br35h"])
+    card = model_card.build_card(cfg, classes=["no", "yes"], site_infos=[],
+                                 rounds_done=3, final_metrics={}, teacher={},
+                                 params=1, calibration=report)
+
+    md = model_card.render_markdown(card)
+
+    assert "**T = 1.800**" in md
+    assert "**0.1120 before, 0.0310 after** calibration" in md
+    assert "**3.5 % of the global test**" in md and "3.3 % of the held-out" in md
+    assert "a new disease" in md and "scanner" in md
+    assert "calibration statistics:" in md
+
+
+def test_model_card_says_when_nothing_was_fitted(tmp_path):
+    cfg = load_config(None, ["data.source=br35h"])
+    card = model_card.build_card(
+        cfg, classes=["no", "yes"], site_infos=[], rounds_done=1, final_metrics={},
+        teacher={}, params=1, calibration={"skipped": "privacy.dp is on"})
+
+    md = model_card.render_markdown(card)
+
+    assert "**not fitted**: privacy.dp is on" in md
+    assert "calibration statistics" not in md

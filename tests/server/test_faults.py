@@ -149,6 +149,12 @@ def test_dp_with_a_federated_head_is_refused():
 
 
 def test_every_message_a_site_sends_carries_only_weights_and_scalars(npz, tmp_path):
+    from common.serialization import (
+        ALLOWED_PREFIXES,
+        CALIBRATE,
+        CALIBRATION_PREFIXES,
+        OOD_THRESHOLD,
+    )
     from tests.client.test_app import _walk_reply
 
     cfg = tiny_config(npz, tmp_path, "federation.rounds=1", "teacher.head=federated",
@@ -162,12 +168,14 @@ def test_every_message_a_site_sends_carries_only_weights_and_scalars(npz, tmp_pa
 
     _run(cfg, spy)
     kinds = {k for k, _ in replies}
-    assert kinds == {"query", "train", "evaluate"}
+    after_training = (CALIBRATE, OOD_THRESHOLD)  # summed statistics only
+    assert kinds == {"query", "train", "evaluate", *after_training}
     prefixes = set()
-    for _, reply in replies:
-        seen = _walk_reply(reply, image_count=10**9)
+    for kind, reply in replies:
+        allowed = CALIBRATION_PREFIXES if kind in after_training else ALLOWED_PREFIXES
+        seen = _walk_reply(reply, image_count=10**9, allowed=allowed)
         prefixes |= {k.split(".")[0] for k in seen["arrays"]}
-    assert prefixes == {"student", "head", "proj"}
+    assert prefixes == {"student", "head", "proj", "calib", "ood"}
 
 
 class _SilentGrid(InProcessGrid):

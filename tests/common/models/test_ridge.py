@@ -8,8 +8,8 @@ import torch
 
 from common.models.ridge import (
     fit_logit_scale,
-    gaussian_logit_scale,
     from_arrays,
+    gaussian_logit_scale,
     ridge_head,
     site_stats,
     solve,
