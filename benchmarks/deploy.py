@@ -17,6 +17,13 @@ deploy.yaml`) with a random ViT-S/14 teacher at 56 px (`--quick`: a tiny ViT at
   history rows after the first) of a deployed run, against the in-process
   simulated run of the same preset on the same file split into 2 IID sites,
   measured one after the other in this call.
+- the per-phase profile of both kinds of message (`details.deploy.profile`,
+  the table in BENCHMARKS.md, "Deployed round profile"): the slowest site's
+  seconds per phase from the replies' `profile` records (common/timing.py),
+  the median over the evaluate-only messages and over the steady rounds'
+  train messages; `outside` is the server's round trip less that site's
+  process (polls, transfers, process exit). `fab` times Flower's per-message
+  FAB install (`install_from_fab` of this app, already installed).
 
 Load (`os.getloadavg`) is recorded beside each figure: compare numbers taken
 on an idle machine only.
@@ -49,7 +56,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.run_folder import config_from_run_config
-from common.serialization import pack
+from common.serialization import PROFILE_RECORD, pack
+from server.exchange import exchange
 from server.federation import handshake, initial_arrays
 
 app = ServerApp()
@@ -66,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
     n_cls = len(infos[0].classes)
     arrays = pack(initial_arrays(cfg, n_cls, infos[0].channels, dim))
     nodes = sorted(grid.get_node_ids())
-    times = []
+    times, profiles = [], []
     for _ in range(count):
         msgs = [
             Message(
@@ -82,15 +90,20 @@ def main(grid: Grid, context: Context) -> None:
             for node in nodes
         ]
         t = time.perf_counter()
-        replies = list(grid.send_and_receive(msgs, timeout=600))
+        replies = exchange(
+            grid, msgs, timeout=600, poll_interval=cfg.federation.poll_interval
+        )
         times.append(time.perf_counter() - t)
         assert not any(r.has_error() for r in replies), [
             r.error.reason for r in replies if r.has_error()
         ]
+        profiles.append([dict(r.content[PROFILE_RECORD]) for r in replies])
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "messages.json").write_text(
-        json.dumps({"handshake_s": first, "evaluate_s": times})
+        json.dumps(
+            {"handshake_s": first, "evaluate_s": times, "profiles": profiles}
+        )
     )
 '''
 
@@ -166,10 +179,9 @@ def _deployed(
         sets = ";".join(
             [*over, f"federation.rounds={rounds}", f"run.out_dir={out_run}"]
         )
+        real = h.copy_real_app(root / "real")
         t = time.perf_counter()
-        run_id = fed.run(
-            h.copy_real_app(root / "real"), f'config-file="{PRESET}" overrides="{sets}"'
-        )
+        run_id = fed.run(real, f'config-file="{PRESET}" overrides="{sets}"')
         status = fed.wait_run(run_id, 3600)
         wall = time.perf_counter() - t
         if status["status"] != "finished:completed":
@@ -178,14 +190,91 @@ def _deployed(
         _say(f"deployed rounds {[round(r['seconds'], 1) for r in rows]} s")
         return {
             "evaluate_s": msg["evaluate_s"],
+            "evaluate_profiles": msg["profiles"],
             "handshake_s": msg["handshake_s"],
             "load_messages": round(load_msg, 2),
             "round_s": [r["seconds"] for r in rows],
+            "train_s": [r["train_seconds"] for r in rows],
+            "train_profiles": [_site_phases(r["sites"], "train/") for r in rows],
             "wall_s": wall,
             "load_rounds": round(os.getloadavg()[0], 2),
+            "fab": fab_install(real),
         }
     finally:
         procs.stop_all()
+
+
+def _site_phases(sites: dict, prefix: str) -> list[dict[str, float]]:
+    """Each site's seconds per phase (`<prefix>t_<phase>_s` of a history row)."""
+    from common import timing
+
+    return [p for v in sites.values() if (p := timing.from_metrics(v, prefix))]
+
+
+def message_profile(round_trip: float, sites: list[dict[str, float]]) -> dict:
+    """One message's phases: its slowest site's, plus what lies outside them.
+
+    `sites` holds each site's seconds per phase (`common.timing.from_metrics`);
+    `outside` is the round trip the server saw less that site's process time
+    (polls, transfers, process exit).
+    """
+    from common import timing
+
+    slowest = max(sites, key=timing.wall_seconds)
+    outside = round_trip - timing.wall_seconds(slowest)
+    return {**slowest, "outside": outside, "round_trip": round_trip}
+
+
+def median_profile(profiles: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each phase over messages (a phase a message lacks counts 0)."""
+    keys = {k for p in profiles for k in p}
+    return {
+        k: round(statistics.median(p.get(k, 0.0) for p in profiles), 3)
+        for k in sorted(keys)
+    }
+
+
+def fab_install(app: Path, repeats: int = 5) -> dict:
+    """Flower's per-message FAB install of `app`, timed (installed once first).
+
+    `flwr-clientapp` calls `install_from_fab` on every message: it unzips the
+    whole FAB into a temporary folder, checks every file's hash, reads
+    pyproject.toml and, the app being installed already, returns.
+    """
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    fab = build_fab_from_disk(app)
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        install_from_fab(fab, install_dir=Path(tmp), skip_prompt=True)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            install_from_fab(fab, install_dir=Path(tmp), skip_prompt=True)
+            times.append(time.perf_counter() - t)
+    return {
+        "fab_bytes": len(fab),
+        "fab_files": len(zipfile.ZipFile(io.BytesIO(fab)).namelist()),
+        "fab_install_s": round(statistics.median(times), 4),
+    }
+
+
+def profiles(dep: dict) -> dict[str, dict[str, float]]:
+    """Median phases of the evaluate-only messages and of the steady train rounds."""
+    evaluate = [
+        message_profile(rt, sites)
+        for rt, sites in zip(dep["evaluate_s"], dep["evaluate_profiles"], strict=True)
+        if sites
+    ]
+    pairs = list(zip(dep["train_s"], dep["train_profiles"], strict=True))
+    train = [message_profile(rt, sites) for rt, sites in pairs[1:] if sites]
+    return {
+        "evaluate": median_profile(evaluate) if evaluate else {},
+        "train": median_profile(train) if train else {},
+    }
 
 
 def _say(text: str) -> None:
@@ -238,6 +327,7 @@ def run(quick: bool, out: Path, work: Path) -> dict:
     steady = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs)  # noqa: E731
     fixed = round(statistics.median(dep["evaluate_s"]), 2)
     ratio = round(steady(dep["round_s"]) / steady(sim["round_s"]), 2)
+    profile = {**profiles(dep), "fab": dep["fab"]}
     detail = {
         "settings": ("quick: " if quick else "") + "; ".join(over),
         "data": str(npz),
@@ -246,6 +336,7 @@ def run(quick: bool, out: Path, work: Path) -> dict:
         "load_start": load_start,
         "deployed": dep,
         "simulated": sim,
+        "profile": profile,
         "note": "2 SuperNodes on loopback, TLS + node auth, subprocess isolation; "
         "fixed cost = median round trip of an evaluate-only message to both sites "
         "on a warm cache; ratio = median steady round, deployed / in-process",
@@ -269,7 +360,30 @@ def run(quick: bool, out: Path, work: Path) -> dict:
             ]
         )
     )
+    print(profile_table(profile))
     return {**keys, "detail": detail}
+
+
+PHASE_ORDER = ("outside", "start", "import", "load", "config", "site", "features")
+PHASE_ORDER += ("eval", "head", "gate", "train", "reply", "handler", "round_trip")
+
+
+def profile_table(profile: dict) -> str:
+    """Seconds per phase: evaluate-only message | steady train message."""
+    ev, tr = profile["evaluate"], profile["train"]
+    rows = [("phase", "evaluate-only s | train s")]
+    for k in PHASE_ORDER:
+        if k in ev or k in tr:
+            rows.append((k, f"{ev.get(k, 0.0):.2f} | {tr.get(k, 0.0):.2f}"))
+    fab = profile["fab"]
+    rows.append(
+        (
+            "(of start) FAB install",
+            f"{fab['fab_install_s']:.3f} ({fab['fab_files']} files, "
+            f"{fab['fab_bytes'] / 1e6:.2f} MB)",
+        )
+    )
+    return table(rows)
 
 
 def main() -> None:

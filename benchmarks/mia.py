@@ -1,16 +1,21 @@
 """Leakage audit: a loss-threshold membership-inference attack on the final student.
 
     python -m benchmarks.mia [--quick] [--noise 0.1 1.0] [--rounds 20] [--epochs 2]
+                             [--dp-sgd-epsilon 8 1] [--dp-sgd-clip 1.0]
 
 Three federations on the shared PneumoniaMNIST file (4 sites, 28 px, plain
 supervised FedAvg: `distill.alpha=1`, so no teacher is needed offline): DP off,
-and DP on at two noise multipliers with the same clipping norm. Each final
+and site-level DP on at two noise multipliers with the same clipping norm;
+`--dp-sgd-epsilon` adds one federation per target epsilon with per-patient
+DP-SGD at the sites (`privacy.dp_sgd`), its noise multiplier chosen by Opacus
+so that every site spends at most that epsilon over the whole run. Each final
 student is then attacked as Yeom et al. (CSF 2018) do: score every image by
 minus its cross-entropy loss under the model; members are the sites' training
 images, non-members the held-out global test split that no site trained on
 (members are subsampled to the same count). Reported per setting: the attack's
 ROC AUC (0.5 = no leakage), its TPR at 1% FPR, the model's global test ACC
-(the utility paid) and the (epsilon, delta) from `server.privacy`.
+(the utility paid) and the (epsilon, delta) from `server.privacy`: site-level
+and per-patient (the worst site's), each where it is on.
 
 This is a measurement of one simple attack, not a privacy proof: a stronger
 attack (shadow models, LiRA) can only do better.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +37,10 @@ from common.config import ExperimentConfig, load_config
 from common.data.experiment import dataset_for  # the sites' own decoding
 from common.data.sites import partition_sites
 from common.data.views import to_student_tensor
+from common.dp_sgd import noise_for_epsilon, planned_steps, sample_rate
 from common.model_file import load_model
 from server import history
+from simulations.run import DEFAULT_CONFIG
 from simulations.run import main as run_main
 
 
@@ -81,6 +89,7 @@ def attack(run_dir: Path) -> dict:
     fpr, tpr, _ = roc_curve(member, score)
     rows = history.read_rows(run_dir / "history.jsonl")
     priv = rows[-1].get("privacy") or {}
+    patient = rows[-1].get("privacy_per_patient") or {}
     return {
         "auc": float(roc_auc_score(member, score)),
         "tpr_at_1pct_fpr": float(np.interp(0.01, fpr, tpr)),
@@ -90,7 +99,35 @@ def attack(run_dir: Path) -> dict:
         "global_acc": rows[-1]["global"].get("acc"),
         "epsilon": priv.get("epsilon"),
         "delta": priv.get("delta"),
+        # per-patient DP-SGD: the worst site's epsilon at its own delta
+        "epsilon_per_patient": patient.get("epsilon"),
+        "delta_per_patient": patient.get("delta"),
+        "noise_multiplier_per_patient": patient.get("noise_multiplier"),
     }
+
+
+def dp_sgd_noise(over: list[str], target_epsilon: float) -> float:
+    """The DP-SGD noise multiplier keeping every site at or below `target_epsilon`.
+
+    Each site's epsilon depends on its size N (rate q = batch / N, steps =
+    rounds x epochs x ceil(N / batch)); the largest multiplier any site needs
+    is used at all of them.
+    """
+    cfg = load_config(DEFAULT_CONFIG, [*over, "privacy.dp_sgd=true"])
+    t, p = cfg.train, cfg.privacy
+    need = []
+    for site in partition_sites(dataset_for(cfg), cfg.partition, cfg.train.seed):
+        n = int(site.labelled.sum())  # supervised: the labelled images train
+        steps = cfg.federation.rounds * planned_steps(
+            n, t.batch_size, t.local_epochs, t.local_steps
+        )
+        q = sample_rate(n, t.batch_size)
+        need.append(
+            noise_for_epsilon(
+                target_epsilon, p.dp_sgd_delta, q, steps, p.dp_sgd_accountant
+            )
+        )
+    return max(need)
 
 
 def _overrides(quick: bool, work: Path, rounds: int, epochs: int) -> list[str]:
@@ -120,10 +157,18 @@ def _overrides(quick: bool, work: Path, rounds: int, epochs: int) -> list[str]:
 
 def _eps(r: dict) -> str:
     """The privacy a setting reports, in words."""
-    if r["delta"] is None:
-        return "no DP"
-    e = "n/a" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-    return f"epsilon {e} at delta {r['delta']:g}"
+    parts = []
+    if r["delta"] is not None:
+        e = "n/a" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        parts.append(f"site-level epsilon {e} at delta {r['delta']:g}")
+    if r.get("delta_per_patient") is not None:
+        e = r.get("epsilon_per_patient")
+        e = "n/a" if e is None else f"{e:.3g}"
+        parts.append(
+            f"per-patient epsilon {e} at delta {r['delta_per_patient']:g} "
+            f"(z {r['noise_multiplier_per_patient']:.3g})"
+        )
+    return ", ".join(parts) or "no DP"
 
 
 def _print_results(results: dict[str, dict]) -> None:
@@ -151,19 +196,31 @@ def run(
     rounds=None,
     epochs=None,
     clip: float = 1.0,
+    dp_sgd_epsilons=(),
+    dp_sgd_clip: float = 1.0,
 ) -> dict:
-    """Train DP off / DP at two noise levels, attack each; merge mia_* into `out`."""
+    """Train DP off / DP at two noise levels (and per-patient DP-SGD at each
+    target epsilon), attack each; merge mia_* into `out`."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     rounds = rounds or (2 if quick else 20)
     epochs = epochs or (1 if quick else 2)
     over = _overrides(quick, work, rounds, epochs)
-    settings = {"dp_off": []}
+    settings: dict[str, list[str]] = {"dp_off": []}
     for z in noise:
         settings[f"dp_z{z:g}"] = [
             "privacy.dp=true",
             f"privacy.noise_multiplier={z}",
             f"privacy.clipping_norm={clip}",
+        ]
+    targets: dict[str, Any] = {}
+    for eps in dp_sgd_epsilons:
+        z = dp_sgd_noise(over, eps)
+        targets[f"dp_sgd_eps{eps:g}"] = {"target_epsilon": eps, "noise_multiplier": z}
+        settings[f"dp_sgd_eps{eps:g}"] = [
+            "privacy.dp_sgd=true",
+            f"privacy.dp_sgd_noise_multiplier={z}",
+            f"privacy.dp_sgd_max_grad_norm={dp_sgd_clip}",
         ]
     results = {
         name: attack(_train(name, [*over, *extra], work))
@@ -178,6 +235,7 @@ def run(
         "local_epochs": epochs,
         "clipping_norm": clip,
         "noise_multipliers": list(noise),
+        "dp_sgd": {"clip": dp_sgd_clip, "targets": targets},
         "overrides": over,
         "quick": quick,
     }
@@ -191,12 +249,23 @@ if __name__ == "__main__":
     p.add_argument(
         "--noise",
         type=float,
-        nargs=2,
+        nargs="*",
         default=(0.1, 1.0),
         metavar="Z",
-        help="the two DP noise multipliers",
+        help="site-level DP noise multipliers (none: no site-level DP runs)",
     )
     p.add_argument("--clip", type=float, default=1.0, help="DP clipping norm")
+    p.add_argument(
+        "--dp-sgd-epsilon",
+        type=float,
+        nargs="*",
+        default=(),
+        metavar="EPS",
+        help="per-patient DP-SGD runs, one per target epsilon per site",
+    )
+    p.add_argument(
+        "--dp-sgd-clip", type=float, default=1.0, help="DP-SGD per-image clip norm"
+    )
     p.add_argument("--rounds", type=int, help="rounds (default 20; quick 2)")
     p.add_argument("--epochs", type=int, help="local epochs (default 2; quick 1)")
     args = p.parse_args()
@@ -208,4 +277,6 @@ if __name__ == "__main__":
         args.rounds,
         args.epochs,
         args.clip,
+        tuple(args.dp_sgd_epsilon),
+        args.dp_sgd_clip,
     )

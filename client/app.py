@@ -5,11 +5,17 @@ Only the student (and federated head) arrays and scalar metrics are replied,
 plus summed statistics: the ridge sums in the handshake, and the calibration
 sums of the final model (queries `calibrate` and `ood_threshold`).
 Configs and prepared sites come from `site_cache` (one per process); what a
-site keeps across rounds is in `context.state`.
+site keeps across rounds is in `context.state`. The query, train and evaluate
+replies also carry the site's seconds per phase of the message (ConfigRecord
+`profile`, from `common.timing`).
 """
 
 from __future__ import annotations
 
+# First of all: importing common.timing starts the clock of the app's imports.
+from common import timing
+
+# isort: split
 import logging
 
 import torch
@@ -26,6 +32,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.site import (
+    PreparedSite,
     calibration_stats,
     evaluate_round,
     head_stats,
@@ -44,15 +51,18 @@ from common.serialization import (
     EVAL_RECEIVED,
     EVAL_RECORD,
     FEDERATION_KD_WEIGHT,
+    PROFILE_RECORD,
     REFERENCE_RECORD,
     STATS_RECORD,
     pack,
     pack_stats,
 )
+from common.timing import phase
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+timing.app_imported()
 
 
 def _unpack(msg: Message) -> tuple[ExperimentConfig, ConfigRecord]:
@@ -73,16 +83,35 @@ def _arrays(msg: Message) -> ArrayRecord:
     return msg.content["arrays"]
 
 
+def _site(
+    msg: Message, context: Context
+) -> tuple[ExperimentConfig, ConfigRecord, PreparedSite]:
+    """(config, config record, prepared site) of a message, phases timed."""
+    with phase("config"):
+        cfg, conf = _unpack(msg)
+    with phase("site"):
+        site = site_cache.site(cfg, dict(context.node_config))
+    return cfg, conf, site
+
+
+def _with_profile(content: RecordDict, prof: timing.Profile, msg: Message) -> Message:
+    """The reply: `content` plus the message's seconds per phase."""
+    content[PROFILE_RECORD] = ConfigRecord(prof.metrics())
+    return Message(content=content, reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Handshake: report the site's label space and sizes (no data)."""
-    cfg, _ = _unpack(msg)
-    site = site_cache.site(cfg, dict(context.node_config))
-    info = site_info(cfg, site)  # the typed contract, sent flat (kebab-case keys)
-    content = RecordDict({"site": ConfigRecord({**info.to_dict()})})
-    if cfg.teacher.head == "closed_form" and uses_teacher(cfg):
-        content[STATS_RECORD] = pack_stats(head_stats(site, info.num_classes))
-    return Message(content=content, reply_to=msg)
+    with timing.profiled("query") as prof:
+        cfg, _, site = _site(msg, context)
+        info = site_info(cfg, site)  # the typed contract, sent flat (kebab-case)
+        content = RecordDict({"site": ConfigRecord({**info.to_dict()})})
+        if cfg.teacher.head == "closed_form" and uses_teacher(cfg):
+            with phase("head"):
+                stats = head_stats(site, info.num_classes)
+            content[STATS_RECORD] = pack_stats(stats)
+    return _with_profile(content, prof, msg)
 
 
 def dp_clipping(msg: Message, ctxt: Context, call_next) -> Message:
@@ -103,50 +132,56 @@ def _federation_weight(conf: ConfigRecord) -> float | None:
 @app.train(mods=[dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Distil into the global student on this site's data and reply its update."""
-    cfg, conf = _unpack(msg)
-    site = site_cache.site(cfg, dict(context.node_config))
-    received = None
-    if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: before training
-        received = evaluate_round(
-            cfg, site, _arrays(msg), context.state, int(conf["num-classes"])
-        )
-    arrays, metrics = train_round(
-        cfg,
-        site,
-        _arrays(msg),
-        context.state,
-        server_round=int(conf.get("server-round", 0)),
-        num_classes=int(conf["num-classes"]),
-        proximal_mu=float(conf.get("proximal-mu", 0.0)),
-        federation_weight=_federation_weight(conf),
-    )
-    content = RecordDict(
-        {
-            "arrays": pack(arrays, cfg.federation.transfer_dtype),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site.name}),
-        }
-    )
-    if received is not None:
-        content[EVAL_RECORD] = ConfigRecord({k: float(v) for k, v in received.items()})
-    return Message(content=content, reply_to=msg)
+    with timing.profiled("train") as prof:
+        cfg, conf, site = _site(msg, context)
+        received = None
+        if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: first
+            with phase("eval"):
+                received = evaluate_round(
+                    cfg, site, _arrays(msg), context.state, int(conf["num-classes"])
+                )
+        with phase("train"):
+            arrays, metrics = train_round(
+                cfg,
+                site,
+                _arrays(msg),
+                context.state,
+                server_round=int(conf.get("server-round", 0)),
+                num_classes=int(conf["num-classes"]),
+                proximal_mu=float(conf.get("proximal-mu", 0.0)),
+                federation_weight=_federation_weight(conf),
+            )
+        with phase("reply"):
+            content = RecordDict(
+                {
+                    "arrays": pack(arrays, cfg.federation.transfer_dtype),
+                    "metrics": MetricRecord(metrics),
+                    "site": ConfigRecord({"name": site.name}),
+                }
+            )
+            if received is not None:
+                content[EVAL_RECORD] = ConfigRecord(
+                    {k: float(v) for k, v in received.items()}
+                )
+    return _with_profile(content, prof, msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global student (and teacher probe) on the site's test part."""
-    cfg, conf = _unpack(msg)
-    site = site_cache.site(cfg, dict(context.node_config))
-    metrics = evaluate_round(
-        cfg, site, _arrays(msg), context.state, num_classes=int(conf["num-classes"])
-    )
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site.name}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    with timing.profiled("evaluate") as prof:
+        cfg, conf, site = _site(msg, context)
+        with phase("eval"):
+            metrics = evaluate_round(
+                cfg, site, _arrays(msg), context.state, int(conf["num-classes"])
+            )
+        content = RecordDict(
+            {
+                "metrics": MetricRecord(metrics),
+                "site": ConfigRecord({"name": site.name}),
+            }
+        )
+    return _with_profile(content, prof, msg)
 
 
 def _stats_reply(msg: Message, name: str, stats: dict) -> Message:
@@ -163,8 +198,7 @@ def _stats_reply(msg: Message, name: str, stats: dict) -> Message:
 @app.query("calibrate")  # message type CALIBRATE (common/serialization.py)
 def calibrate(msg: Message, context: Context) -> Message:
     """After the last round: the final model's sums for temperature and OOD fit."""
-    cfg, conf = _unpack(msg)
-    site = site_cache.site(cfg, dict(context.node_config))
+    cfg, conf, site = _site(msg, context)
     stats = calibration_stats(cfg, site, _arrays(msg), int(conf["num-classes"]))
     return _stats_reply(msg, site.name, stats)
 
@@ -185,8 +219,7 @@ def _reference(msg: Message, conf: ConfigRecord) -> ood.Reference | None:
 @app.query("ood_threshold")  # message type OOD_THRESHOLD
 def ood_threshold(msg: Message, context: Context) -> Message:
     """Held-out score histogram and calibration bins under the fitted reference."""
-    cfg, conf = _unpack(msg)
-    site = site_cache.site(cfg, dict(context.node_config))
+    cfg, conf, site = _site(msg, context)
     stats = threshold_stats(
         cfg,
         site,

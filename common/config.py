@@ -207,6 +207,9 @@ class FederationConfig:
     transfer_dtype: str = knob("float32", choices=("float32", "float16"))
     # seconds the server waits for replies in one round
     round_timeout: float = knob(3600.0, bounds="(0, inf]")
+    # seconds between the server's pulls for replies while it waits (Flower's
+    # deployed Grid polls every 3 s, which rounded every reply up to 3 s)
+    poll_interval: float = knob(0.1, bounds="(0, 60]")
     # reject updates whose norm exceeds this multiple of the median norm (0 = off)
     norm_outlier_factor: float = knob(10.0, bounds="[0, inf]")
     # retries of a round that got fewer than min_sites replies
@@ -269,6 +272,21 @@ class PrivacyConfig:
     delta: float = knob(1e-5, bounds="(0, 0.1]")
     # send per-class training counts in the handshake (prevalence leaves the site)
     share_class_counts: bool = True
+    # Per-patient DP-SGD at each site (Opacus; common/dp_sgd.py), independent of
+    # the site-level `dp` above (both may be on). Every local step samples a
+    # Poisson batch (rate train.batch_size / the site's usable images), clips
+    # each training image's gradient to dp_sgd_max_grad_norm and adds Gaussian
+    # noise of std dp_sgd_noise_multiplier * that norm; train.grad_clip is then
+    # not applied (the per-image clipping replaces it). Each site reports its
+    # epsilon at dp_sgd_delta over all its steps of all rounds.
+    dp_sgd: bool = False
+    dp_sgd_noise_multiplier: float = knob(1.0, bounds="(0, 100]")
+    dp_sgd_max_grad_norm: float = knob(1.0, bounds="(0, inf]")
+    # should be below 1 / (images at the smallest site)
+    dp_sgd_delta: float = knob(1e-5, bounds="(0, 0.1]")
+    # Opacus' accountant: rdp (Renyi DP, an upper bound) | prv (privacy loss
+    # random variables, tighter, numerical with a small stated error)
+    dp_sgd_accountant: str = knob("rdp", choices=("rdp", "prv"))
 
 
 @dataclass
@@ -456,6 +474,8 @@ def validate(cfg: ExperimentConfig) -> None:
             cfg.privacy.delta,
             1 / cfg.partition.sites,
         )
+    if cfg.privacy.dp_sgd:
+        _check_dp_sgd(cfg)
     names = [c.strip() for c in cfg.data.classes.split(",")] if cfg.data.classes else []
     if names and (not all(names) or len(set(names)) != len(names)):
         raise ConfigError(
@@ -473,6 +493,39 @@ def validate(cfg: ExperimentConfig) -> None:
             "distill.alpha=1 with feature_weight>0: only the feature term "
             "uses the teacher"
         )
+
+
+def _check_dp_sgd(cfg: ExperimentConfig) -> None:
+    """Refuse what would make one image's loss depend on other training images."""
+    # DP-SGD's bound holds when each image's loss depends only on that image and
+    # on what is public or already private (the received model, the frozen
+    # teacher's features of that image). These settings fit something on all
+    # of the site's training images without noise and feed it into every loss.
+    d, why = cfg.distill, ""
+    if d.alpha < 1.0:
+        why = (
+            f"distill.alpha={d.alpha:g}: the soft labels come from a teacher head "
+            "fitted on the same patients without noise; use distill.alpha=1 "
+            "(supervised, optionally with distill.feature_weight > 0)"
+        )
+    elif d.feature_weight > 0 and d.gate:
+        why = (
+            "distill.gate=true: the gate's weight, which scales every image's "
+            "loss, comes from a teacher head fitted on the same patients; set "
+            "distill.gate=false"
+        )
+    elif d.feature_weight > 0 and cfg.teacher.head != "local":
+        why = (
+            f"teacher.head={cfg.teacher.head} sends a head or sums fitted on the "
+            "patients without noise; use teacher.head=local"
+        )
+    elif cfg.train.logit_adjust > 0:
+        why = (
+            f"train.logit_adjust={cfg.train.logit_adjust:g} shifts every image's "
+            "loss by the label prior of all the patients; set it to 0"
+        )
+    if why:
+        raise ConfigError(f"privacy.dp_sgd=true does not compose with {why}")
 
 
 def _parse_scalar(text: str) -> Any:

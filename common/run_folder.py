@@ -37,6 +37,7 @@ RESUME_MAY_CHANGE = (
     "run.device",
     "train.num_threads",
     "federation.round_timeout",
+    "federation.poll_interval",
     "federation.max_round_retries",
     "data.cache_dir",
     "teacher.cache_dir",

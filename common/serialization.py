@@ -28,6 +28,10 @@ ALLOWED_PREFIXES = (STUDENT_PREFIX, HEAD_PREFIX, PROJ_PREFIX)
 # a ConfigRecord EVAL_RECORD (Flower's aggregation wants one MetricRecord).
 EVAL_RECEIVED = "evaluate-received"
 EVAL_RECORD = "eval"
+# Train and evaluate replies carry the site's seconds per phase of handling the
+# message (`t_<phase>_s` scalars, common/timing.py) in a ConfigRecord of their
+# own, so that they stay out of the model metrics Flower aggregates.
+PROFILE_RECORD = "profile"
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 

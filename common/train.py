@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,16 @@ from torch import nn
 
 from common.config import DistillConfig, TrainConfig
 from common.distill.loss import feature_loss, kd_loss
+from common.dp_sgd import (
+    DPSGD,
+    Ledger,
+    PrivateSteps,
+    check_model,
+    planned_steps,
+    poisson_batches,
+    sample_rate,
+    secret_generator,
+)
 from common.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -236,13 +246,17 @@ def train_local(
     lr: float | None = None,
     kd_weight: float = 1.0,
     carry: OptimizerCarry | None = None,
+    dp_sgd: DPSGD | None = None,
+    ledger: Ledger | None = None,
 ) -> dict[str, float]:
     """Train `student` in place on one site's data; return scalar metrics.
 
     `lr` is this round's rate (`round_lr`; default `train_cfg.lr`). `kd_weight`
     in [0, 1] scales every teacher term (the site's KD gate): the effective
     alpha is 1 - (1 - alpha) * kd_weight. `carry` holds the optimiser state
-    kept across rounds (`train.optimizer_state=keep`).
+    kept across rounds (`train.optimizer_state=keep`). With `dp_sgd` the steps
+    are DP-SGD steps (`_train_private`), recorded in `ledger` (the site's
+    accountant across rounds; a fresh one when None).
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -259,30 +273,144 @@ def train_local(
     student.train()
     if proj is not None:
         proj.train()
-    sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feat": 0.0}
-    steps = seen = 0
-    for idx in _batches(pool, train_cfg, gen, epochs or train_cfg.local_epochs):
-        loss, losses, f_loss = _step_loss(
-            student, proj, r, idx, gen, train_cfg, distill_cfg
-        )
-        if global_params is not None:
-            loss = loss + proximal_term(student, global_params, proximal_mu)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-        opt.step()
-        # .item() is a sync point; cheap on the CPU and keeps the metrics exact.
-        for key, value in (("loss", loss), ("ce", losses["ce"]),
-                           ("kd", losses["kd"]), ("feat", f_loss)):
-            sums[key] += value.item() if value is not None else 0.0
-        steps += 1
-        seen += len(idx)
-    if steps == 0:
+    loop = _Loop(
+        student=student,
+        proj=proj if r.use_feats else None,
+        opt=opt,
+        r=r,
+        pool=pool,
+        gen=gen,
+        train_cfg=train_cfg,
+        distill_cfg=distill_cfg,
+        epochs=epochs or train_cfg.local_epochs,
+        global_params=global_params,
+        proximal_mu=proximal_mu,
+    )
+    privacy: dict[str, float] = {}
+    if dp_sgd is None:
+        _train_plain(loop, params)
+    else:
+        ledger = ledger if ledger is not None else Ledger()
+        _train_private(loop, dp_sgd, ledger)
+        privacy = {
+            "dp_sgd_epsilon": ledger.epsilon(dp_sgd.delta, dp_sgd.accountant),
+            "dp_sgd_steps": float(ledger.steps),
+            "dp_sgd_sample_rate": sample_rate(len(pool), train_cfg.batch_size),
+        }
+    if loop.steps == 0:
         raise ValueError("no training step ran; batch_size too large for the site?")
     if carry is not None:
         carry.state = opt.state_dict()["state"]
-    return _train_metrics(sums, steps, seen, len(pool), time.perf_counter() - t0)
+    secs = time.perf_counter() - t0
+    out = _train_metrics(loop.sums, loop.steps, loop.seen, len(pool), secs)
+    return {**out, **privacy}
+
+
+@dataclass
+class _Loop:
+    """One local training's model, optimiser, data and running sums."""
+
+    student: nn.Module
+    proj: nn.Module | None  # the feature loss's projection, when it trains
+    opt: torch.optim.Optimizer
+    r: _Round
+    pool: torch.Tensor  # usable training indices (CPU)
+    gen: torch.Generator  # views and shuffling, seeded from train.seed
+    train_cfg: TrainConfig
+    distill_cfg: DistillConfig
+    epochs: int
+    global_params: list[torch.Tensor] | None  # FedProx's anchor
+    proximal_mu: float
+    sums: dict[str, float] = field(
+        default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feat": 0.0}
+    )
+    steps: int = 0
+    seen: int = 0  # sample-gradients
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The batch's loss (without the proximal term); its parts go in `sums`."""
+        loss, losses, f_loss = _step_loss(
+            self.student, self.proj, self.r, idx, self.gen, self.train_cfg,
+            self.distill_cfg,
+        )  # fmt: skip
+        # .item() is a sync point; cheap on the CPU and keeps the metrics exact.
+        for key, value in (
+            ("loss", loss),
+            ("ce", losses["ce"]),
+            ("kd", losses["kd"]),
+            ("feat", f_loss),
+        ):
+            self.sums[key] += value.item() if value is not None else 0.0
+        return loss
+
+
+def _train_plain(loop: _Loop, params: list[nn.Parameter]) -> None:
+    """The round's SGD steps on shuffled batches."""
+    cfg = loop.train_cfg
+    for idx in _batches(loop.pool, cfg, loop.gen, loop.epochs):
+        loss = loop.loss(idx)
+        if loop.global_params is not None:
+            loss = loss + proximal_term(
+                loop.student, loop.global_params, loop.proximal_mu
+            )
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        loop.opt.step()
+        loop.steps += 1
+        loop.seen += len(idx)
+
+
+def _train_private(loop: _Loop, dp: DPSGD, ledger: Ledger) -> None:
+    """The round's DP-SGD steps (common/dp_sgd.py), recorded in `ledger`.
+
+    Batches are Poisson samples drawn from secret randomness, so their size
+    varies; every planned step runs, an empty batch included (then the step is
+    the noise alone), because the accountant counts planned steps. No batch is
+    skipped and `train.grad_clip` is not applied: the per-image clipping to
+    `dp.max_grad_norm` bounds every step.
+    """
+    cfg, usable = loop.train_cfg, len(loop.pool)
+    check_model(loop.student)
+    if dp.delta >= 1.0 / usable:
+        log.warning(
+            "privacy.dp_sgd_delta=%g is not below 1/%d (this site's usable "
+            "images): the guarantee may fail for one patient with that chance",
+            dp.delta,
+            usable,
+        )
+    q = sample_rate(usable, cfg.batch_size)
+    n_steps = planned_steps(usable, cfg.batch_size, loop.epochs, cfg.local_steps)
+    sampler = secret_generator(dp.seed, torch.device("cpu"))  # the pool is on the CPU
+    modules = [loop.student] + ([loop.proj] if loop.proj is not None else [])
+    device = next(loop.student.parameters()).device
+    with PrivateSteps(modules, loop.opt, dp, round(q * usable), device) as private:
+        for idx in poisson_batches(loop.pool, q, n_steps, sampler):
+            private.zero_grad()
+            if len(idx) == 0:
+                private.empty_batch()
+            else:
+                loop.loss(idx).backward()
+            private.step(_proximal_grad(loop))
+            loop.steps += 1
+            loop.seen += len(idx)
+    ledger.add(dp.noise_multiplier, q, n_steps)
+
+
+def _proximal_grad(loop: _Loop):
+    """FedProx's gradient mu * (w - w_global), to add after DP-SGD's noise."""
+    if loop.global_params is None:
+        return None
+
+    def add() -> None:
+        # The term depends on no image, so (like weight decay) it needs no
+        # clipping or noise; Opacus would drop it, building the step from
+        # per-image gradients only.
+        for p, g in zip(loop.student.parameters(), loop.global_params, strict=True):
+            p.grad.add_(p.detach() - g, alpha=loop.proximal_mu)
+
+    return add
 
 
 def _train_metrics(

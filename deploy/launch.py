@@ -50,6 +50,8 @@ INSECURE_ACK_FLAG = "--i-understand-this-is-insecure"
 DEFAULT_SUPERLINK_PORT = 9093
 DEFAULT_SUPERNODE_PORT = 9094
 STATE_DB = "superlink-state.db"
+# seconds between the SuperExec's looks for work (Flower's default: 1.0)
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
 class LaunchError(Exception):
@@ -76,11 +78,15 @@ def launch_env(flwr_home: Path, base: Mapping[str, str] | None = None
     """Environment for Flower processes: own FLWR_HOME, telemetry off.
 
     The interpreter's bin folder is put first on PATH because the SuperLink and
-    the SuperNode start ``flower-superexec`` by name.
+    the SuperNode start ``flower-superexec`` by name. That SuperExec looks for
+    a message to start an app process for once a second by default
+    (flwr/supercore/superexec/run_superexec.py), which a SuperNode pays on
+    every message; 0.2 s unless the environment already sets it.
     """
     env = dict(os.environ if base is None else base)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault(SUPEREXEC_POLL_ENV, "0.2")
     bin_dir = str(Path(sys.executable).parent)
     path = env.get("PATH", "")
     if bin_dir not in path.split(os.pathsep):
@@ -425,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print(f"FLWR_HOME={shlex.quote(env['FLWR_HOME'])} "
-              f"FLWR_TELEMETRY_ENABLED=0 {shlex.join(command)}")
+              f"FLWR_TELEMETRY_ENABLED=0 {SUPEREXEC_POLL_ENV}="
+              f"{shlex.quote(env[SUPEREXEC_POLL_ENV])} {shlex.join(command)}")
         return 0
     args.state.mkdir(parents=True, exist_ok=True)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)

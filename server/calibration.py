@@ -22,8 +22,9 @@ are chosen on. In a simulation the server then reports ECE before and after,
 and the share flagged, on the global test split, which no step has seen.
 
 A site that fails is left out (logged). With fewer than the sites a round
-needs, or with `privacy.dp` (the sums carry no noise), nothing is fitted: the
-model is saved without it, and the card and `client.predict` say so.
+needs, or with `privacy.dp` or `privacy.dp_sgd` (the sums carry no noise),
+nothing is fitted: the model is saved without it, and the card and
+`client.predict` say so.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from common.serialization import (
     pack_stats,
 )
 from server.evaluation import GlobalEvaluator
-from server.rounds import RoundContext
+from server.rounds import RoundContext, replies_to
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ def skip_reason(cfg: ExperimentConfig) -> str | None:
             "privacy.dp is on, and the sites' sums carry no noise: fitting them "
             "would release the training features outside the DP guarantee"
         )
+    if cfg.privacy.dp_sgd:
+        return (
+            "privacy.dp_sgd is on, and the sites' sums carry no noise: fitting "
+            "them would release the training features outside the per-patient "
+            "DP guarantee"
+        )
     return None
 
 
@@ -103,7 +110,7 @@ def _ask(
     """Send `content` to every connected site; its stats arrays by site name."""
     nodes = [n for n in ctx.grid.get_node_ids() if n in ctx.names]
     msgs = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-    replies = ctx.grid.send_and_receive(msgs, timeout=ctx.cfg.federation.round_timeout)
+    replies = replies_to(ctx, msgs)
     out: dict[str, dict[str, np.ndarray]] = {}
     for msg in replies:
         name = ctx.names.get(msg.metadata.src_node_id)

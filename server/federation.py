@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import model_file
+from common import model_file, timing
 from common.config import ExperimentConfig
 from common.distill.gate import federation_weight
 from common.errors import MessageError
@@ -31,6 +31,7 @@ from common.serialization import (
     EVAL_RECEIVED,
     EVAL_RECORD,
     FEDERATION_KD_WEIGHT,
+    PROFILE_RECORD,
     PROJ_PREFIX,
     STUDENT_PREFIX,
     module_arrays,
@@ -40,6 +41,7 @@ from common.site_info import SiteInfo
 from server import checkpoint, history, model_card, privacy
 from server.calibration import Fitted, calibrate, training_data
 from server.evaluation import GlobalEvaluator
+from server.exchange import exchange
 from server.plots import plot_history
 from server.rounds import (
     FederationError,
@@ -105,8 +107,12 @@ def handshake(
         Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
     ]
-    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+    fed = cfg.federation
+    replies = exchange(
+        grid, msgs, timeout=fed.round_timeout, poll_interval=fed.poll_interval
+    )
     infos, names, errors = [], {}, []
+    timings: dict[str, dict[str, float]] = {}  # seconds per phase, by site name
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
@@ -121,8 +127,15 @@ def handshake(
             continue
         infos.append(info)
         names[node] = info.name
+        timings[info.name] = dict(msg.content.config_records.get(PROFILE_RECORD, {}))
     for e in errors:
         log.error("site handshake failed: %s", e)
+    log.info(
+        "handshake: %d of %d sites answered%s",
+        len(infos),
+        len(msgs),
+        slowest_site(timings, ""),
+    )
     if len(infos) < cfg.federation.required_sites:
         detail = errors[0] if errors else "no reply"
         raise FederationError(
@@ -380,6 +393,14 @@ def _run_round(run: _Run, rnd: int) -> None:
         row["privacy"] = privacy.privacy_spent(
             cfg, strategy.releases, strategy.num_sampled_clients
         ).as_dict()
+    if cfg.privacy.dp_sgd:
+        # each site's per-patient epsilon so far, from its train replies; their
+        # example-weighted mean in row["train"] would mean nothing
+        for key in privacy.PER_PATIENT_METRICS:
+            row["train"].pop(key, None)
+        row["privacy_per_patient"] = privacy.per_patient_spent(
+            cfg, run.last.get("privacy_per_patient"), trained.replies, run.ctx.names
+        )
     if run.in_train:
         run.pending = row
     else:
@@ -502,13 +523,28 @@ def _log_trained(run: _Run, rnd: int, report: RoundReport, seconds: float) -> No
     """One line per trained round (INFO with eval_in_train, whose row comes later)."""
     log.log(
         logging.INFO if run.in_train else logging.DEBUG,
-        "round %d/%d trained: %d of %d sites replied (%.1fs)",
+        "round %d/%d trained: %d of %d sites replied (%.1fs)%s",
         rnd,
         run.cfg.federation.rounds,
         report.accepted,
         report.sampled,
         seconds,
+        slowest_site(report.sites, "train/"),
     )
+
+
+def slowest_site(sites: dict[str, dict[str, float]], prefix: str) -> str:
+    """'; slowest site <name>: <phases>' from the sites' timings, or ''.
+
+    The site whose message took longest sets the round's pace; its phases
+    (common/timing.py) say where that time went.
+    """
+    profiles = {n: timing.from_metrics(v, prefix) for n, v in sites.items()}
+    profiles = {n: p for n, p in profiles.items() if p}
+    if not profiles:
+        return ""
+    name = max(profiles, key=lambda n: timing.wall_seconds(profiles[n]))
+    return f"; slowest site {name}: {timing.describe(profiles[name])}"
 
 
 def _log_row(cfg: ExperimentConfig, row: dict[str, Any]) -> None:
@@ -616,6 +652,7 @@ def finish(
         params=params,
         privacy=last.get("privacy"),
         calibration=fitted.report,
+        privacy_per_patient=last.get("privacy_per_patient"),
     )
     model_card.write_card(final_dir, card)
     plot_history(

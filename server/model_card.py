@@ -44,9 +44,11 @@ def build_card(
     params: int,
     privacy: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
+    privacy_per_patient: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The model card as plain data (`privacy`: the last history row's DP entry;
-    `calibration`: server.calibration's report on the final model)."""
+    """The model card as plain data (`privacy`, `privacy_per_patient`: the last
+    history row's site-level and per-patient DP entries; `calibration`:
+    server.calibration's report on the final model)."""
     return {
         "model": {
             "arch": cfg.student.arch,
@@ -66,6 +68,7 @@ def build_card(
             "local_epochs": cfg.train.local_epochs,
             "transfer_dtype": cfg.federation.transfer_dtype,
             "dp": _dp_entry(cfg, privacy),
+            "dp_sgd": _dp_sgd_entry(cfg, privacy_per_patient),
         },
         "shared_with_server": _shared(cfg, site_infos, calibration),
         "teacher": teacher,
@@ -113,6 +116,45 @@ def _dp_entry(cfg: ExperimentConfig, privacy: dict[str, Any] | None) -> dict:
         entry.update(privacy)
         entry["epsilon_note"] = privacy.get("note") or (
             "site-level, add/remove one site, RDP (dp-accounting); docs/security.md"
+        )
+    return entry
+
+
+DP_SGD_COVERS = (
+    "each training image's influence on the student updates its site sends "
+    "(hence on every model the server builds from them): a curious server or "
+    "anyone holding the model cannot tell with confidence beyond (epsilon, "
+    "delta) whether one image was in a site's training set"
+)
+DP_SGD_DOES_NOT_COVER = (
+    "a patient with several images (about k times epsilon for k images); the "
+    "site's test part and everything sent outside the updates (scalar metrics, "
+    "handshake sizes and class counts); the teacher, whose weights must not "
+    "come from these patients; a site that leaks its own data"
+)
+
+
+def _dp_sgd_entry(cfg: ExperimentConfig, spent: dict[str, Any] | None) -> dict:
+    """Per-patient DP-SGD settings and each site's epsilon, as the sites reported."""
+    p = cfg.privacy
+    if not p.dp_sgd:
+        return {"enabled": False, "epsilon": None, "epsilon_note": "DP-SGD off"}
+    entry = {
+        "enabled": True,
+        "level": "per patient (one training image), at each site",
+        "noise_multiplier": p.dp_sgd_noise_multiplier,
+        "max_grad_norm": p.dp_sgd_max_grad_norm,
+        "delta": p.dp_sgd_delta,
+        "epsilon": None,
+        "epsilon_note": "no round completed",
+        "covers": DP_SGD_COVERS,
+        "does_not_cover": DP_SGD_DOES_NOT_COVER,
+    }
+    if spent:
+        entry.update(spent)
+        entry["epsilon_note"] = (
+            "the worst site's, over all its DP-SGD steps of all rounds; "
+            "docs/security.md"
         )
     return entry
 
@@ -184,7 +226,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"local epochs: {card['method']['local_epochs']}",
         f"- distillation: {card['method']['distillation']}",
         f"- transfer dtype: {card['method']['transfer_dtype']}",
-        f"- privacy: {_dp_line(card['method']['dp'])}",
+        f"- site-level privacy (one hospital): {_dp_line(card['method']['dp'])}",
+        f"- per-patient privacy (one training image): "
+        f"{_dp_sgd_line(card['method'].get('dp_sgd') or {})}",
         f"- shared with the server: {_shared_line(card.get('shared_with_server'))}",
         "",
         "## Data",
@@ -297,6 +341,26 @@ def _dp_line(dp: dict[str, Any]) -> str:
         f"{head}; **(epsilon = {dp['epsilon']:.3g}, delta = {dp['delta']:g})** per "
         f"site over {dp.get('releases')} releases ({dp.get('neighbouring')}, "
         f"{dp.get('sampling')}, {dp.get('accountant')})"
+    )
+
+
+def _dp_sgd_line(dp: dict[str, Any]) -> str:
+    if not dp.get("enabled"):
+        return "DP-SGD off"
+    head = (
+        f"DP-SGD at each site (Opacus; per-image clipping {dp['max_grad_norm']:g}, "
+        f"noise multiplier {dp['noise_multiplier']:g})"
+    )
+    if dp.get("epsilon") is None:
+        return f"{head}; **epsilon not available**: {dp.get('epsilon_note')}"
+    sites = ", ".join(
+        f"{name} {v['epsilon']:.3g} ({v['steps']} steps)"
+        for name, v in (dp.get("per_site") or {}).items()
+    )
+    return (
+        f"{head}; **(epsilon = {dp['epsilon']:.3g}, delta = {dp['delta']:g})** at "
+        f"the worst site [{sites}] ({dp.get('sampling')}; {dp.get('accountant')}). "
+        f"Covers {dp['covers']}. Does not cover {dp['does_not_cover']}"
     )
 
 

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig
 from common.errors import FedKDError
+from server.exchange import exchange
 from server.screening import RoundReport, screen, screen_evaluate
 from server.strategy import site_eval_means
 
@@ -123,6 +124,17 @@ def connected_nodes(ctx: RoundContext, phase: str) -> tuple[list[int], list[str]
     return nodes, []
 
 
+def replies_to(ctx: RoundContext, messages: list[Message]) -> list[Message]:
+    """The replies that arrive within federation.round_timeout (server.exchange)."""
+    fed = ctx.cfg.federation
+    return exchange(
+        ctx.grid,
+        messages,
+        timeout=fed.round_timeout,
+        poll_interval=fed.poll_interval,
+    )
+
+
 def _train_attempt(
     ctx: RoundContext, rnd: int, arrays: ArrayRecord, conf: ConfigRecord
 ) -> Trained:
@@ -134,8 +146,7 @@ def _train_attempt(
         sent = list(
             ctx.strategy.configure_train(rnd, arrays, conf, _Snapshot(ctx.grid, nodes))
         )
-    timeout = ctx.cfg.federation.round_timeout
-    replies = list(ctx.grid.send_and_receive(sent, timeout=timeout))
+    replies = replies_to(ctx, sent)
     accepted, report = screen(replies, arrays, ctx.cfg, ctx.names, sent=sent)
     new_arrays, metrics = ctx.strategy.aggregate_train(rnd, accepted)
     return Trained(new_arrays, metrics, report, replies, accepted)
@@ -189,7 +200,6 @@ def evaluate_round(
                 rnd, arrays, conf, _Snapshot(ctx.grid, nodes)
             )
         )
-    timeout = ctx.cfg.federation.round_timeout
-    replies = ctx.grid.send_and_receive(sent, timeout=timeout)
+    replies = replies_to(ctx, sent)
     rows, report = screen_evaluate(replies, ctx.cfg, ctx.names, sent=sent)
     return site_eval_means(rows), report

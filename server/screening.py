@@ -20,7 +20,12 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from common.config import ExperimentConfig
-from common.serialization import ALLOWED_PREFIXES, record_bytes, to_float32
+from common.serialization import (
+    ALLOWED_PREFIXES,
+    PROFILE_RECORD,
+    record_bytes,
+    to_float32,
+)
 from server.strategy import uniform_dp_supported
 
 log = logging.getLogger(__name__)
@@ -195,9 +200,20 @@ def screen(
     report.accepted = len(good)
     for msg in good:
         report.sites.setdefault(site_name(msg, names), {}).update(
-            {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
+            {
+                f"train/{k}": float(v)
+                for k, v in [*msg.content["metrics"].items(), *_profile(msg)]
+            }
         )
     return good, report
+
+
+def _profile(msg: Message) -> list[tuple[str, float]]:
+    """The site's seconds per phase of the message (`t_<phase>_s`), if it sent them."""
+    record = msg.content.config_records.get(PROFILE_RECORD)
+    if record is None:
+        return []
+    return [(k, float(v)) for k, v in record.items() if isinstance(v, (int, float))]
 
 
 def screen_evaluate(
@@ -227,6 +243,6 @@ def screen_evaluate(
         metrics = next(iter(msg.content.metric_records.values()))
         rows[name] = {k: float(v) for k, v in metrics.items()}
         report.sites.setdefault(name, {}).update(
-            {f"eval/{k}": v for k, v in rows[name].items()}
+            {f"eval/{k}": v for k, v in [*rows[name].items(), *_profile(msg)]}
         )
     return rows, report

@@ -7,14 +7,19 @@ this Grid calls the very same `client.app.app` handlers in-process, one site
 after another, with each node's `Context` kept across rounds exactly as the
 engine keeps it. Failures inside a ClientApp become Flower error replies, as
 they do on the engine. Flower has no public in-process Grid, hence this one.
+
+Pushed messages wait; each `pull_messages` gives the first waiting site its
+turn. So the server's wait loop (`server.exchange`) checks its deadline
+between sites, and sites past the round timeout get no turn, as on a link.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import math
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -23,6 +28,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from server.exchange import exchange
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class InProcessGrid(Grid):
             for i, n in enumerate(self.node_ids)
         }
         self._run = Run.create_empty(run_id=run_id)
+        self._waiting: deque[Message] = deque()  # pushed, not yet served
         self._replies: dict[str, Message] = {}
         # Messages take their sender from the process's task identity; here the
         # server and every site share one process, so set it for the server.
@@ -83,7 +91,6 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
         TaskIdentity.run_id = self._run.run_id
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = node
@@ -100,30 +107,43 @@ class InProcessGrid(Grid):
             TaskIdentity.node_id = 0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver each message now; keep the reply for `pull_messages`."""
+        """Queue each message for its site; its id names the reply to pull."""
+        if self._waiting:  # an earlier exchange gave up on these (its deadline)
+            log.warning(
+                "round timeout: nodes %s had no turn before the last wait ended",
+                [m.metadata.dst_node_id for m in self._waiting],
+            )
+            self._waiting.clear()
         ids = []
         for msg in messages:
-            reply = self._deliver(msg)
-            mid = msg.metadata.message_id
-            self._replies[mid] = reply
-            ids.append(mid)
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self._waiting.append(msg)
+            ids.append(msg.metadata.message_id)
         return ids
 
+    def _serve_next(self) -> None:
+        """Give the first waiting site its turn; keep its reply for a pull."""
+        msg = self._waiting.popleft()
+        self._replies[msg.metadata.message_id] = self._deliver(msg)
+
+    def serve_all(self) -> None:
+        """Give every waiting site its turn now (as if they ran side by side)."""
+        while self._waiting:
+            self._serve_next()
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Replies for the given message ids."""
+        """Serve the next waiting site, then return the replies asked for."""
+        if self._waiting:
+            self._serve_next()
         return [self._replies.pop(m) for m in message_ids if m in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Deliver and collect; sites past the deadline get no turn (as on a link)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies = []
-        for msg in messages:
-            if deadline is not None and time.monotonic() > deadline:
-                log.warning(
-                    "round timeout: node %d not served", msg.metadata.dst_node_id
-                )
-                continue
-            replies.extend(self.pull_messages(self.push_messages([msg])))
-        return replies
+        """Flower's Grid interface: `server.exchange` with no poll wait."""
+        return exchange(
+            self,
+            messages,
+            timeout=math.inf if timeout is None else timeout,
+            poll_interval=0.01,
+        )

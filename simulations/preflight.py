@@ -18,6 +18,7 @@ from client.site import site_cache, uses_teacher
 from common.config import ExperimentConfig
 from common.data.sites import partition_sites
 from common.distill.features import cached_features
+from common.dp_sgd import check_model
 from common.models.student import create_student
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ def preflight(cfg: ExperimentConfig, progress: bool = True) -> str:
     """Validate data and sites, fill the teacher cache; return a summary line."""
     ds = site_cache.dataset(cfg)
     sites = partition_sites(ds, cfg.partition, cfg.train.seed)
-    # A bad student name fails here, before any run folder exists.
-    create_student(cfg.student.arch, ds.num_classes, ds.channels)
+    # A bad student name fails here, before any run folder exists; so does one
+    # that Opacus cannot train image by image (BatchNorm) under DP-SGD.
+    student = create_student(cfg.student.arch, ds.num_classes, ds.channels)
+    if cfg.privacy.dp_sgd:
+        check_model(student, cfg.student.arch)
     sizes = ", ".join(f"{s.name}:{len(s.train)}/{len(s.test)}" for s in sites[:8])
     more = f" (+{len(sites) - 8} more)" if len(sites) > 8 else ""
     teacher_line = "teacher: not used"

@@ -149,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         f"outputs: {run_dir}/history.jsonl, {run_dir}/accuracy.png, "
         f"{run_dir}/final/model.pt, {run_dir}/final/model_card.md"
     )
-    dp = card["method"]["dp"]
-    if dp.get("enabled"):
-        from server.privacy import describe
+    dp, dp_sgd = card["method"]["dp"], card["method"].get("dp_sgd") or {}
+    if dp.get("enabled") or dp_sgd.get("enabled"):
+        from server.privacy import describe, describe_per_patient
 
-        print(f"privacy: {describe(dp)}")
+        if dp.get("enabled"):
+            print(f"privacy: {describe(dp)}")
+        if dp_sgd.get("enabled"):
+            print(f"privacy: {describe_per_patient(dp_sgd)}")
     return 0
 
 

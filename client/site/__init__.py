@@ -8,6 +8,7 @@ One job per module:
 - `cache`: `SiteCache`, the per-process cache, and `site_cache`, its one
   instance;
 - `carry`: the optimiser state a site keeps across rounds;
+- `accountant`: the DP-SGD ledger a site keeps across rounds (privacy.dp_sgd);
 - `round`: `train_round` / `evaluate_round` and the per-round helpers;
 - `calibration`: the sums a site sends to calibrate the final model.
 
@@ -15,6 +16,7 @@ The ClientApp handlers (client/app.py) look a site up with
 `site_cache.site(cfg, node_config)` and call the round functions on it.
 """
 
+from client.site.accountant import load_ledger, save_ledger
 from client.site.cache import SiteCache, site_cache
 from client.site.calibration import calibration_stats, threshold_stats
 from client.site.carry import load_carry, save_carry
@@ -36,8 +38,10 @@ __all__ = [
     "hash_name",
     "head_stats",
     "load_carry",
+    "load_ledger",
     "prepare_site",
     "save_carry",
+    "save_ledger",
     "site_cache",
     "site_device",
     "site_info",

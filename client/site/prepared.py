@@ -24,6 +24,7 @@ from common.data.views import apply_view, to_student_tensor
 from common.distill.features import cached_features
 from common.models.teacher import FrozenTeacher
 from common.site_info import SiteInfo
+from common.timing import phase
 from common.train import LocalData
 
 
@@ -72,7 +73,10 @@ def prepare_site(
             for v in range(views)
         ]
     )
-    feats_train, feats_test, info = _features(cfg, images, views, cache_root, teacher)
+    with phase("features"):  # read from the cache; the teacher runs on a miss
+        feats_train, feats_test, info = _features(
+            cfg, images, views, cache_root, teacher
+        )
     n_cls = max(len(classes), int(images.train.labels.max(initial=0)) + 1)
     # Moved to the device once here, never per batch (a no-op on the CPU).
     return PreparedSite(

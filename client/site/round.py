@@ -2,8 +2,9 @@
 
 `train_round` and `evaluate_round` are the plain functions the ClientApp's
 train and evaluate handlers call. What a site keeps from one round to the next
-(its local head, its own model under `local`, its optimiser state) lives in
-Flower's `context.state` (the `state` argument), under the keys below.
+(its local head, its own model under `local`, its optimiser state, its DP-SGD
+ledger) lives in Flower's `context.state` (the `state` argument), under the
+keys below and those of `client.site.carry` and `client.site.accountant`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from client.site.accountant import load_ledger, save_ledger
 from client.site.carry import load_carry, save_carry
 from client.site.prepared import PreparedSite
 from client.site.teacher import uses_teacher
 from common.config import ExperimentConfig
 from common.distill.gate import covers_every_class, gate_counts, gate_weight
+from common.dp_sgd import DPSGD
 from common.metrics import balanced_accuracy
 from common.models import ridge
 from common.models.head import fit_head, head_logits, train_head
@@ -33,6 +36,7 @@ from common.serialization import (
     module_arrays,
     pack,
 )
+from common.timing import phase
 from common.train import (
     LocalData,
     evaluate,
@@ -260,19 +264,22 @@ def train_round(
     metrics: dict[str, float] = {}
     data, proj, kd_weight = site.train, None, 1.0
     if uses_teacher(cfg):
-        target_head, send_head = _head_for_round(
-            cfg, site, arrays, state, num_classes, seed
-        )
-        kd_weight, gate_metrics = kd_gate(
-            cfg, site, student, target_head, federation_weight
-        )
+        with phase("head"):  # the round's head and its soft targets
+            target_head, send_head = _head_for_round(
+                cfg, site, arrays, state, num_classes, seed
+            )
+            data = _with_targets(cfg, site, target_head)
+        with phase("gate"):
+            kd_weight, gate_metrics = kd_gate(
+                cfg, site, student, target_head, federation_weight
+            )
         metrics.update(gate_metrics)
-        data = _with_targets(cfg, site, target_head)
         if send_head is not None:
             out.update(module_arrays(send_head, HEAD_PREFIX))
         if cfg.distill.feature_weight > 0:
             proj = _projection(student, site, source)
     carry = load_carry(cfg, state, server_round, site.name)
+    ledger = load_ledger(cfg, state, server_round, site.name)  # privacy.dp_sgd
     metrics.update(
         train_local(
             student,
@@ -285,9 +292,12 @@ def train_round(
             lr=round_lr(cfg.train, server_round, cfg.federation.rounds),
             kd_weight=kd_weight,
             carry=carry,
+            dp_sgd=DPSGD.from_config(cfg.privacy),
+            ledger=ledger,
         )
     )
     save_carry(cfg, state, carry, server_round, site.name)
+    save_ledger(cfg, state, ledger, site.name)
     out.update(module_arrays(student, STUDENT_PREFIX))
     if proj is not None:
         out.update(module_arrays(proj, PROJ_PREFIX))

@@ -1,8 +1,11 @@
 """A Flower message is a fresh process: with a warm cache it must stay cheap.
 
 With every teacher feature cached the handlers never build the backbone, and a
-train reply can carry the site's evaluation of the model it received.
+train reply can carry the site's evaluation of the model it received. Every
+reply says where its time went, phase by phase.
 """
+
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import client.site.teacher as site_teacher
 import common.models.teacher as teacher_mod
 from client.app import app
 from client.site import site_cache
-from common.serialization import EVAL_RECEIVED, EVAL_RECORD, pack
+from common import timing
+from common.serialization import EVAL_RECEIVED, EVAL_RECORD, PROFILE_RECORD, pack
 from server.federation import initial_arrays
 from tests.helpers import small_npz, tiny_config
 
@@ -90,3 +94,26 @@ def test_train_reply_carries_the_received_models_evaluation(warm):
         np.testing.assert_array_equal(
             plain.content["arrays"][k].numpy(), both.content["arrays"][k].numpy()
         )
+
+
+def test_replies_carry_the_seconds_of_each_phase(warm, monkeypatch):
+    conf, arrays, _ = warm
+    conf_eval = ConfigRecord(dict(conf, **{EVAL_RECEIVED: True}))
+    clock = timing.ProcessClock()  # as in a fresh flwr-clientapp process
+    clock.app_imported(time.perf_counter() - 0.1)
+    monkeypatch.setattr(timing, "process_clock", clock)
+
+    t0 = time.perf_counter()
+    first = _send(MessageType.TRAIN, conf_eval, _ctx(), arrays)
+    wall = time.perf_counter() - t0
+    second = _send(MessageType.EVALUATE, conf, _ctx(), arrays)
+
+    seconds = timing.from_metrics(dict(first.content[PROFILE_RECORD]))
+    inside = ["config", "site", "features", "eval", "head", "gate", "train", "reply"]
+    assert set(inside) | {"handler", "import", "load"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values())
+    assert sum(seconds[k] for k in inside) <= seconds["handler"] + 1e-3 <= wall + 1e-3
+    assert seconds["import"] >= 0.1  # the start-up went to the first message
+    assert set(first.content["metrics"]).isdisjoint(first.content[PROFILE_RECORD])
+    later = timing.from_metrics(dict(second.content[PROFILE_RECORD]))
+    assert later["import"] == later["load"] == 0.0 and later["eval"] > 0

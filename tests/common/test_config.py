@@ -141,6 +141,7 @@ def test_choices_are_read_from_the_field_declarations():
         "train.optimizer",
         "train.optimizer_state",
         "train.lr_schedule",
+        "privacy.dp_sgd_accountant",
         "calibration.ood",
         "run.engine",
         "run.device",
@@ -175,3 +176,55 @@ def test_calibration_defaults_and_bounds():
         load_config(None, ["calibration.ood_false_alarm=0.7"])
     with pytest.raises(ConfigError, match="choose one of: mahalanobis, none"):
         load_config(None, ["calibration.ood=energy"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("privacy.dp_sgd_noise_multiplier=0", "'privacy.dp_sgd_noise_multiplier' = 0"),
+        ("privacy.dp_sgd_max_grad_norm=-1", "'privacy.dp_sgd_max_grad_norm' = -1"),
+        ("privacy.dp_sgd_delta=0.5", "'privacy.dp_sgd_delta' = 0.5"),
+        ("privacy.dp_sgd_accountant=gdp", "choose one of: rdp, prv"),
+        ("privacy.dp_sgd=maybe", "'privacy.dp_sgd' must be bool"),
+    ],
+)
+def test_dp_sgd_values_are_checked_by_name(override, message):
+    assert load_config(None).privacy.dp_sgd is False  # off by default
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["privacy.dp_sgd=true", "distill.alpha=1", override])
+
+
+DP_SGD = ["privacy.dp_sgd=true", "distill.alpha=1"]
+FEATURE_KD = [*DP_SGD, "distill.feature_weight=1", "teacher.head=local"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["privacy.dp_sgd=true", "distill.alpha=0.5"], "distill.alpha=0.5"),
+        ([*FEATURE_KD, "distill.gate=true"], "distill.gate=true"),
+        ([*FEATURE_KD, "distill.gate=false", "teacher.head=federated"],
+         "teacher.head=federated"),
+        ([*FEATURE_KD, "distill.gate=false", "teacher.head=closed_form"],
+         "teacher.head=closed_form"),
+        ([*DP_SGD, "train.logit_adjust=1"], "train.logit_adjust=1"),
+    ],
+)  # fmt: skip
+def test_dp_sgd_refuses_what_would_tie_one_image_to_the_others(overrides, named):
+    with pytest.raises(ConfigError, match=f"privacy.dp_sgd=true .*{named}"):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["distill.gate=false", "distill.feature_weight=1", "teacher.head=local"],
+        ["train.optimizer=adam", "train.optimizer_state=keep"],
+        ["federation.strategy=fedprox"],
+        ["privacy.dp=true", "teacher.head=local"],  # site-level DP as well
+        ["federation.strategy=local"],
+    ],
+)
+def test_dp_sgd_composes_with_what_keeps_each_loss_per_image(extra):
+    assert load_config(None, [*DP_SGD, *extra]).privacy.dp_sgd

@@ -170,6 +170,7 @@ RANGES = {  # key: (lo, hi, lo_open)
     "train.momentum": (0.0, 1.0, False),
     "federation.trim_beta": (0.0, 0.5, True),
     "federation.round_timeout": (0.0, math.inf, True),
+    "federation.poll_interval": (0.0, 60.0, True),
     "partition.alpha": (0.0, math.inf, True),
     "privacy.clipping_norm": (0.0, math.inf, True),
     "privacy.noise_multiplier": (0.0, math.inf, False),

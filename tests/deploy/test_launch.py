@@ -130,6 +130,9 @@ def test_launch_env_sets_home_and_telemetry(tmp_path):
     assert env["FLWR_HOME"] == str(tmp_path / "home")
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert env[la.SUPEREXEC_POLL_ENV] == "0.2"  # not Flower's 1 s per message
+    own = {"PATH": "/usr/bin", la.SUPEREXEC_POLL_ENV: "0.5"}
+    assert la.launch_env(tmp_path, base=own)[la.SUPEREXEC_POLL_ENV] == "0.5"
 
 
 def test_connection_toml_parses_with_flower(tmp_path, creds, monkeypatch):

@@ -31,14 +31,18 @@ class _Grid:
     def get_node_ids(self) -> list[int]:
         return list(self.wires)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return [
-            Message(
-                RecordDict({"site": ConfigRecord(self.wires[m.metadata.dst_node_id])}),
-                reply_to=m,
+    def push_messages(self, messages):
+        self.replies = {}
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+            wire = self.wires[m.metadata.dst_node_id]
+            self.replies[f"m{i}"] = Message(
+                RecordDict({"site": ConfigRecord(wire)}), reply_to=m
             )
-            for m in messages
-        ]
+        return list(self.replies)
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
 def _wires(bad: dict) -> dict[int, dict]:

@@ -172,3 +172,65 @@ def test_class_counts_leave_the_site_only_when_configured(share):
     info = site_info(cfg, site).to_dict()
     assert ("class-counts" in info) is share
     assert info["num-train"] == 10  # sizes are still shared
+
+
+def _dp_sgd_reply(name: str, eps: float, steps: int, node: int = 1):
+    msg = _reply({"student.w": np.zeros((3, 2), np.float32)}, 5, name, node)
+    msg.content["metrics"]["dp_sgd_epsilon"] = eps
+    msg.content["metrics"]["dp_sgd_steps"] = steps
+    msg.content["metrics"]["dp_sgd_sample_rate"] = 0.25
+    return msg
+
+
+DP_SGD = ["privacy.dp_sgd=true", "distill.alpha=1", "privacy.dp_sgd_delta=1e-6"]
+
+
+def test_per_patient_epsilon_is_each_sites_newest_and_the_worst_is_reported():
+    cfg = load_config(None, DP_SGD)
+    first = privacy.per_patient_spent(
+        cfg, None, [_dp_sgd_reply("a", 1.0, 10), _dp_sgd_reply("b", 3.0, 30)], {}
+    )
+    # round 2 samples only site a; b keeps the epsilon of its last round
+    second = privacy.per_patient_spent(cfg, first, [_dp_sgd_reply("a", 2.0, 20)], {})
+
+    assert first["epsilon"] == 3.0
+    assert second["per_site"]["a"] == {"epsilon": 2.0, "steps": 20, "sample_rate": 0.25}
+    assert second["per_site"]["b"]["epsilon"] == 3.0 and second["epsilon"] == 3.0
+    assert second["delta"] == 1e-6
+    assert "training image" in second["unit"] and "Poisson" in second["sampling"]
+    assert "worst of 2 sites" in privacy.describe_per_patient(second)
+
+
+def test_card_and_final_line_label_site_level_and_per_patient_dp_apart():
+    from server.calibration import skip_reason
+
+    cfg = load_config(None, [*DP, *DP_SGD, "privacy.noise_multiplier=1.1"])
+    site_level = privacy.privacy_spent(cfg, 10, 4).as_dict()
+    per_patient = privacy.per_patient_spent(
+        cfg, None, [_dp_sgd_reply("site-0", 4.5, 40)], {}
+    )
+    card = model_card.build_card(
+        cfg,
+        classes=["a", "b"],
+        site_infos=[{"name": "site-0", "num-train": 5}],
+        rounds_done=10,
+        final_metrics={},
+        teacher={},
+        params=1,
+        privacy=site_level,
+        privacy_per_patient=per_patient,
+    )
+
+    assert card["method"]["dp"]["epsilon"] == site_level["epsilon"]
+    assert card["method"]["dp_sgd"]["epsilon"] == 4.5
+    assert "does_not_cover" in card["method"]["dp_sgd"]
+    md = model_card.render_markdown(card)
+    assert "- site-level privacy (one hospital): DP on" in md
+    assert "- per-patient privacy (one training image): DP-SGD" in md
+    assert "epsilon = 4.5, delta = 1e-06" in md and "site-0 4.5 (40 steps)" in md
+    assert privacy.describe(site_level).startswith("site-level DP (epsilon=")
+    assert privacy.describe_per_patient(per_patient).startswith(
+        "per-patient DP-SGD (epsilon=4.5, delta=1e-06)"
+    )
+    # the calibration sums carry no noise: nothing is fitted under DP-SGD
+    assert "privacy.dp_sgd" in skip_reason(load_config(None, DP_SGD))

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from common.config import load_config
-from common.serialization import pack, record_bytes
+from common.serialization import PROFILE_RECORD, pack, record_bytes
 from server.screening import screen, screen_evaluate
 from server.strategy import site_eval_means
 from tests.server.test_strategy import _aggregate, _reply, _strategy
@@ -123,3 +123,21 @@ def test_a_silent_site_is_named_from_the_handshake():
     assert len(accepted) == 1 and report.sampled == 2
     assert report.failed == ["hospital-b: no reply within federation.round_timeout=5s"]
     assert report.bytes_down == 2 * record_bytes(reference)
+
+
+def test_the_sites_timings_go_into_the_history_and_not_into_the_metrics():
+    cfg = load_config(None, ["partition.sites=4"])
+    msg = _reply({"student.w": np.ones((3, 2), np.float32)}, 5, "a")
+    msg.content[PROFILE_RECORD] = ConfigRecord({"t_train_s": 1.5, "t_site_s": 0.25})
+    reference = pack({"student.w": np.zeros((3, 2), np.float32)})
+    ev = _eval_reply("a", {"num-examples": 10, "acc": 0.8}, 1)
+    ev.content[PROFILE_RECORD] = ConfigRecord({"t_eval_s": 0.5})
+
+    _, report = screen([msg], reference, cfg, {})
+    rows, ev_report = screen_evaluate([ev], cfg, {})
+
+    assert report.sites["a"]["train/t_train_s"] == 1.5
+    assert report.sites["a"]["train/t_site_s"] == 0.25
+    assert "t_train_s" not in msg.content["metrics"]  # Flower aggregates those
+    assert ev_report.sites["a"]["eval/t_eval_s"] == 0.5
+    assert rows == {"a": {"acc": 0.8, "num-examples": 10.0}}  # not averaged
