@@ -1,7 +1,8 @@
 """The site's Flower ClientApp: thin handlers over `client.site`.
 
 Each handler unpacks the message, calls plain functions, and packs the reply.
-Only the student (and federated head) arrays and scalar metrics are replied,
+Only the student (and federated head) arrays and scalar metrics are replied
+(under SCAFFOLD also the control-variate update, `scaffold.dc.`),
 plus summed statistics: the ridge sums in the handshake, and the calibration
 sums of the final model (queries `calibrate` and `ood_threshold`).
 Configs and prepared sites come from `site_cache` (one per process); what a
@@ -56,6 +57,7 @@ from common.serialization import (
     STATS_RECORD,
     pack,
     pack_stats,
+    reply_prefixes,
 )
 from common.timing import phase
 
@@ -154,7 +156,11 @@ def train(msg: Message, context: Context) -> Message:
         with phase("reply"):
             content = RecordDict(
                 {
-                    "arrays": pack(arrays, cfg.federation.transfer_dtype),
+                    "arrays": pack(
+                        arrays,
+                        cfg.federation.transfer_dtype,
+                        reply_prefixes(cfg.federation.strategy),
+                    ),
                     "metrics": MetricRecord(metrics),
                     "site": ConfigRecord({"name": site.name}),
                 }

@@ -174,6 +174,7 @@ _STRATEGIES = (
     "fedyogi",
     "fedexp",
     "fedprox",
+    "scaffold",
     "fedmedian",
     "fedtrimmedavg",
     "krum",
@@ -188,11 +189,14 @@ class FederationConfig:
     # `pooled` is the fair reference: one node holding the union of the
     # partition's sites exactly as they hold them (same images, scanner profiles
     # and labelled masks); `fedexp` sets the server step from the updates' norms
-    # (Jhunjhunwala et al., ICLR 2023).
+    # (Jhunjhunwala et al., ICLR 2023); `scaffold` corrects each site's drift
+    # under label skew with control variates (Karimireddy et al., ICML 2020;
+    # server/scaffold.py), which doubles every train message and reply.
     strategy: str = knob("fedavg", choices=_STRATEGIES)
     # server-side optimiser (fedavgm, fedadam, fedyogi): step size on the
     # averaged update, and momentum (fedavgm) / first-moment decay (adam, yogi).
-    # FedAvg with a server learning rate is fedavgm with server_momentum 0.
+    # FedAvg with a server learning rate is fedavgm with server_momentum 0;
+    # scaffold takes server_lr as its global step size (no momentum).
     server_lr: float = knob(1.0, bounds="(0, inf]")
     server_momentum: float = knob(0.9, bounds="[0, 0.999]")
     fraction_train: float = knob(1.0, bounds="(0, 1]")
@@ -461,6 +465,8 @@ def validate(cfg: ExperimentConfig) -> None:
             "privacy.share_class_counts=false forbids, and secure aggregation of the "
             "sums is not available yet; use teacher.head=federated or local"
         )
+    if cfg.federation.strategy == "scaffold":
+        _check_scaffold(cfg)
     dp = cfg.privacy.dp
     if dp and (cfg.teacher.head == "federated" or cfg.federation.strategy == "local"):
         raise ConfigError(
@@ -493,6 +499,28 @@ def validate(cfg: ExperimentConfig) -> None:
             "distill.alpha=1 with feature_weight>0: only the feature term "
             "uses the teacher"
         )
+
+
+def _check_scaffold(cfg: ExperimentConfig) -> None:
+    """Refuse the privacy settings SCAFFOLD's control variates would get around."""
+    why = ""
+    if cfg.privacy.dp:
+        # Under plain SGD Delta c_i is (x - y_i) / (K lr) - c: the site's update,
+        # rescaled, which neither the client-side clipping nor the server's
+        # noise covers.
+        why = (
+            "privacy.dp=true: each site's control-variate update is a rescaled "
+            "copy of its model update that neither the clipping nor the noise "
+            "covers; use fedavg, fedprox or fedavgm under privacy.dp"
+        )
+    elif cfg.privacy.dp_sgd:
+        why = (
+            "privacy.dp_sgd=true: the drift correction and the control variates "
+            "are built for the non-private steps only (common/train.py); use "
+            "fedprox or fedavgm under privacy.dp_sgd"
+        )
+    if why:
+        raise ConfigError(f"federation.strategy=scaffold does not compose with {why}")
 
 
 def _check_dp_sgd(cfg: ExperimentConfig) -> None:

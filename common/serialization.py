@@ -2,7 +2,9 @@
 
 Only the student (prefix ``student.``, with its feature projection ``proj.``)
 and, when federated, the teacher head (prefix ``head.``) are ever packed;
-anything else is refused.
+anything else is refused. Under ``federation.strategy=scaffold`` a site's
+reply also carries its control-variate update (``scaffold.dc.``), and the
+server's train message the global control variate (``scaffold.c.``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ HEAD_PREFIX = "head."
 # same teacher feature space.
 PROJ_PREFIX = "proj."
 ALLOWED_PREFIXES = (STUDENT_PREFIX, HEAD_PREFIX, PROJ_PREFIX)
+# SCAFFOLD (server/scaffold.py): the train message carries the global control
+# variate c beside the model, and the reply the site's update of its own
+# c_i, each keyed by the model array it corrects ("scaffold.c.student.fc.weight").
+# c_i itself never leaves the site.
+CONTROL_PREFIX = "scaffold.c."
+CONTROL_DELTA_PREFIX = "scaffold.dc."
+
+
+def reply_prefixes(strategy: str) -> tuple[str, ...]:
+    """The array prefixes a site's train reply may carry under `strategy`."""
+    if strategy == "scaffold":
+        return (*ALLOWED_PREFIXES, CONTROL_DELTA_PREFIX)
+    return ALLOWED_PREFIXES
+
+
 # federation.eval_in_train: the server sets EVAL_RECEIVED in the train config,
 # and the site's train reply carries the received model's metrics (scalars) in
 # a ConfigRecord EVAL_RECORD (Flower's aggregation wants one MetricRecord).
@@ -95,19 +112,23 @@ def pack_stats(
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def pack(arrays: dict[str, np.ndarray], transfer_dtype: str = "float32") -> ArrayRecord:
+def pack(
+    arrays: dict[str, np.ndarray],
+    transfer_dtype: str = "float32",
+    allowed: tuple[str, ...] = ALLOWED_PREFIXES,
+) -> ArrayRecord:
     """Build an ArrayRecord, casting floating arrays to the wire dtype.
 
     Integer and bool arrays (e.g. BatchNorm's ``num_batches_tracked``) travel in
-    their own dtype; a float value outside the wire dtype's range is refused.
+    their own dtype; a float value outside the wire dtype's range is refused, and
+    so is a key outside `allowed` (`reply_prefixes` for a train reply).
     """
     wire = WIRE_DTYPES[transfer_dtype]
     record = ArrayRecord()
     for key, value in arrays.items():
-        if not key.startswith(ALLOWED_PREFIXES):
+        if not key.startswith(allowed):
             raise MessageError(
-                f"refusing to send array '{key}': only {ALLOWED_PREFIXES} "
-                "may leave a site"
+                f"refusing to send array '{key}': only {allowed} may leave a site"
             )
         if np.issubdtype(value.dtype, np.floating) and value.dtype != wire:
             value = _to_wire(key, value, wire)

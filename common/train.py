@@ -79,6 +79,103 @@ class OptimizerCarry:
     state: dict | None = None
 
 
+@dataclass
+class ControlVariates:
+    """SCAFFOLD's control variates for one local round (`federation.strategy=scaffold`).
+
+    Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
+    Learning", ICML 2020. `server` is the global c, `site` this site's c_i, both
+    CPU tensors by the student's parameter names; a name missing from either is
+    zeros (round 1). `train_local` adds c - c_i to the gradient of every student
+    parameter at every step, then replaces `site` by c_i+ and puts
+    Delta c_i = c_i+ - c_i in `delta`.
+    """
+
+    server: dict[str, torch.Tensor] = field(default_factory=dict)
+    site: dict[str, torch.Tensor] = field(default_factory=dict)
+    delta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _Drift:
+    """SCAFFOLD's correction of each step, and the round's c_i+.
+
+    Each step's gradient g (after `train.grad_clip`) becomes g + c - c_i before
+    the optimiser's step. With momentum (and `train.optimizer_state=keep`) the
+    buffer then accumulates corrected gradients: SCAFFOLD is defined for plain
+    SGD, and correcting the gradient fed to the optimiser is the common practical
+    variant (as for Adam).
+
+    c_i+ is the mean over the round's K steps of g + weight_decay * w, the
+    gradient of the regularised local loss that the optimiser applies. Under
+    plain SGD (no momentum) this is exactly the paper's option II,
+    c_i - c + (x - y_i) / (K lr), since then x - y_i = lr * sum(g + wd w + c - c_i)
+    (tests/common/test_scaffold.py checks both). Option II's formula itself is
+    not used: with momentum mu the model moves about lr / (1 - mu) per unit of
+    gradient, so (x - y_i) / (K lr) would make c_i ten times the gradient at
+    mu = 0.9 and the correction ten times too strong.
+    """
+
+    def __init__(
+        self, student: nn.Module, control: ControlVariates, weight_decay: float
+    ) -> None:
+        self.params = list(student.named_parameters())
+        names = {n for n, _ in self.params}
+        unknown = sorted((set(control.server) | set(control.site)) - names)
+        if unknown:
+            raise ValueError(
+                f"control variates for {unknown[:3]}, which the student lacks; "
+                "server and site must use the same student.arch"
+            )
+        self.shift = [self._shift(n, p, control) for n, p in self.params]
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params]
+        self.weight_decay = weight_decay
+        self.steps = 0
+
+    @staticmethod
+    def _shift(name: str, p: nn.Parameter, control: ControlVariates) -> torch.Tensor:
+        """c - c_i for one parameter, on its device."""
+        out = torch.zeros_like(p, dtype=torch.float32)
+        for sign, side in ((1.0, control.server), (-1.0, control.site)):
+            if name in side:
+                if side[name].shape != p.shape:
+                    raise ValueError(
+                        f"control variate '{name}' has shape "
+                        f"{tuple(side[name].shape)}, the student {tuple(p.shape)}"
+                    )
+                out.add_(side[name].to(out.device, torch.float32), alpha=sign)
+        return out
+
+    def correct(self) -> None:
+        """Add c - c_i to every student gradient; sum the uncorrected ones."""
+        with torch.no_grad():
+            for (_, p), shift, total in zip(
+                self.params, self.shift, self.sums, strict=True
+            ):
+                if p.grad is None:  # unused this step: a zero gradient
+                    p.grad = torch.zeros_like(p)
+                total.add_(p.grad)
+                if self.weight_decay:
+                    total.add_(p, alpha=self.weight_decay)
+                p.grad.add_(shift)
+        self.steps += 1
+
+    def finish(self, control: ControlVariates) -> None:
+        """Put c_i+ (the mean gradient) in `control.site` and Delta c_i in `delta`."""
+        old = control.site
+        new = {
+            n: (t / self.steps).cpu()
+            for (n, _), t in zip(self.params, self.sums, strict=True)
+        }
+        control.delta = {
+            n: v - old[n].to(v.dtype) if n in old else v.clone() for n, v in new.items()
+        }
+        control.site = new
+
+    def shift_norm(self) -> float:
+        """|c - c_i| of this round (how hard the correction pulls)."""
+        return math.sqrt(sum(float((s * s).sum()) for s in self.shift))
+
+
 def _restore(opt: torch.optim.Optimizer, carry: OptimizerCarry | None) -> None:
     """Load a carried state whose shapes match; the round's lr stays as set."""
     if carry is None or not carry.state:
@@ -248,6 +345,7 @@ def train_local(
     carry: OptimizerCarry | None = None,
     dp_sgd: DPSGD | None = None,
     ledger: Ledger | None = None,
+    control: ControlVariates | None = None,
 ) -> dict[str, float]:
     """Train `student` in place on one site's data; return scalar metrics.
 
@@ -256,8 +354,15 @@ def train_local(
     alpha is 1 - (1 - alpha) * kd_weight. `carry` holds the optimiser state
     kept across rounds (`train.optimizer_state=keep`). With `dp_sgd` the steps
     are DP-SGD steps (`_train_private`), recorded in `ledger` (the site's
-    accountant across rounds; a fresh one when None).
+    accountant across rounds; a fresh one when None). With `control` every
+    step is SCAFFOLD-corrected (`_Drift`) and `control` comes back with c_i+
+    and Delta c_i (the non-private steps only).
     """
+    if control is not None and dp_sgd is not None:
+        raise ValueError(
+            "SCAFFOLD's correction is built for the non-private steps only; "
+            "federation.strategy=scaffold does not compose with privacy.dp_sgd"
+        )
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -285,6 +390,9 @@ def train_local(
         epochs=epochs or train_cfg.local_epochs,
         global_params=global_params,
         proximal_mu=proximal_mu,
+        drift=None
+        if control is None
+        else _Drift(student, control, train_cfg.weight_decay),
     )
     privacy: dict[str, float] = {}
     if dp_sgd is None:
@@ -301,9 +409,13 @@ def train_local(
         raise ValueError("no training step ran; batch_size too large for the site?")
     if carry is not None:
         carry.state = opt.state_dict()["state"]
+    drift: dict[str, float] = {}
+    if loop.drift is not None:
+        loop.drift.finish(control)
+        drift["scaffold_shift_norm"] = loop.drift.shift_norm()
     secs = time.perf_counter() - t0
     out = _train_metrics(loop.sums, loop.steps, loop.seen, len(pool), secs)
-    return {**out, **privacy}
+    return {**out, **privacy, **drift}
 
 
 @dataclass
@@ -321,6 +433,7 @@ class _Loop:
     epochs: int
     global_params: list[torch.Tensor] | None  # FedProx's anchor
     proximal_mu: float
+    drift: _Drift | None = None  # SCAFFOLD's correction (federation.strategy)
     sums: dict[str, float] = field(
         default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feat": 0.0}
     )
@@ -357,6 +470,10 @@ def _train_plain(loop: _Loop, params: list[nn.Parameter]) -> None:
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if loop.drift is not None:
+            # after the clipping: c - c_i is not the batch's gradient, and c_i+
+            # must average the gradients the steps actually took
+            loop.drift.correct()
         loop.opt.step()
         loop.steps += 1
         loop.seen += len(idx)

@@ -21,9 +21,10 @@ from flwr.app import ArrayRecord, Message, RecordDict
 
 from common.config import ExperimentConfig
 from common.serialization import (
-    ALLOWED_PREFIXES,
+    CONTROL_DELTA_PREFIX,
     PROFILE_RECORD,
     record_bytes,
+    reply_prefixes,
     to_float32,
 )
 from server.strategy import uniform_dp_supported
@@ -106,16 +107,38 @@ def _missing(
     return out
 
 
-def _train_problem(msg: Message) -> str | None:
+def _train_problem(msg: Message, cfg: ExperimentConfig) -> str | None:
     """Why a (non-error) train reply cannot be aggregated, or None when it can."""
     content = msg.content
     if "arrays" not in content.array_records or len(content.metric_records) != 1:
         return "malformed reply"
-    bad = [k for k in content["arrays"].keys() if not k.startswith(ALLOWED_PREFIXES)]
+    allowed = reply_prefixes(cfg.federation.strategy)
+    bad = [k for k in content["arrays"].keys() if not k.startswith(allowed)]
     if bad:
         return f"forbidden arrays {bad[:3]}"
+    if cfg.federation.strategy == "scaffold":
+        problem = _control_problem(content["arrays"])
+        if problem:
+            return problem
     if not _finite(content["arrays"]):
         return "non-finite weights"
+    return None
+
+
+def _control_problem(arrays: ArrayRecord) -> str | None:
+    """SCAFFOLD: why the reply's Delta c_i does not fit its model arrays, if so."""
+    deltas = [k for k in arrays.keys() if k.startswith(CONTROL_DELTA_PREFIX)]
+    if not deltas:
+        return f"malformed reply: no '{CONTROL_DELTA_PREFIX}' control-variate update"
+    for key in deltas:
+        target = key[len(CONTROL_DELTA_PREFIX) :]
+        if target not in arrays.keys():
+            return f"malformed reply: '{key}' corrects no array of the reply"
+        if arrays[key].shape != arrays[target].shape:
+            return (
+                f"malformed reply: '{key}' has shape {tuple(arrays[key].shape)}, "
+                f"'{target}' {tuple(arrays[target].shape)}"
+            )
     return None
 
 
@@ -188,7 +211,7 @@ def screen(
             report.failed.append(f"{name}: {_reason(msg)}")
             log.warning("site %s failed this round: %s", name, msg.error.reason)
             continue
-        problem = _train_problem(msg)
+        problem = _train_problem(msg, cfg)
         if problem:
             report.rejected.append(f"{name}: {problem}")
             log.warning("rejected reply of %s: %s", name, problem)

@@ -1,7 +1,8 @@
 """Flower strategies with what a hospital federation adds around their rules.
 
 The aggregation rules themselves are Flower's (FedAvg, FedProx, FedMedian,
-FedTrimmedAvg, Krum, the server optimisers) and FedExP (`server.fedexp`).
+FedTrimmedAvg, Krum, the server optimisers), FedExP (`server.fedexp`) and
+SCAFFOLD (`server.scaffold`).
 `SafeAggregation` adds the wire dtype on the way out, integer buffers kept
 integer on the way back, the server optimiser's bookkeeping, and the DP mean.
 Replies reach `aggregate_train` already screened (`server.screening.screen`);
@@ -33,6 +34,7 @@ from flwr.serverapp.strategy import (
 from common.config import ExperimentConfig
 from common.serialization import pack, restore_int_dtypes
 from server.fedexp import FedExP
+from server.scaffold import Scaffold
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class SafeAggregation:
     # -- server optimiser state (FedAvgM, FedAdam, FedYogi) ---------------------
     def _track_server_model(self, arrays: ArrayRecord) -> None:
         """Server optimisers step from the float32 global model, not the wire copy."""
-        if isinstance(self, (FedAvgM, FedExP)):
+        if isinstance(self, (FedAvgM, FedExP, Scaffold)):
             self.current_arrays = arrays
         elif isinstance(self, (FedAdam, FedYogi)):
             self.current_arrays = {k: arrays[k].numpy() for k in arrays.keys()}
@@ -172,7 +174,9 @@ class SafeAggregation:
             self.current_arrays = aligned
 
     def optimizer_state(self) -> dict[str, list[np.ndarray] | dict | None]:
-        """The server optimiser's moments, saved with each checkpoint for resume."""
+        """The server optimiser's moments (SCAFFOLD's c), saved with each checkpoint."""
+        if isinstance(self, Scaffold):
+            return {"control": dict(self.control)}
         if isinstance(self, FedAvgM):
             return {"momentum_vector": self.momentum_vector}
         if isinstance(self, (FedAdam, FedYogi)):
@@ -217,6 +221,7 @@ _BASES = {
     "fedyogi": FedYogi,
     "fedexp": FedExP,
     "fedprox": FedProx,
+    "scaffold": Scaffold,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
@@ -253,6 +258,12 @@ def _rule_kwargs(cfg: ExperimentConfig, num_sites: int) -> dict:
         kwargs.update(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99)
     elif fed.strategy == "fedexp":
         kwargs["eps"] = fed.fedexp_eps
+    elif fed.strategy == "scaffold":
+        kwargs.update(
+            num_sites=num_sites,
+            server_lr=fed.server_lr,
+            transfer_dtype=fed.transfer_dtype,
+        )
     elif fed.strategy == "krum":
         kwargs["num_malicious_nodes"] = fed.krum_byzantine
     return kwargs

@@ -8,6 +8,7 @@ One job per module:
 - `cache`: `SiteCache`, the per-process cache, and `site_cache`, its one
   instance;
 - `carry`: the optimiser state a site keeps across rounds;
+- `control`: the SCAFFOLD control variate a site keeps across rounds;
 - `accountant`: the DP-SGD ledger a site keeps across rounds (privacy.dp_sgd);
 - `round`: `train_round` / `evaluate_round` and the per-round helpers;
 - `calibration`: the sums a site sends to calibrate the final model.

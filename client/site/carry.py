@@ -26,10 +26,23 @@ OPTIMIZER_KEY = "fedkd.optimizer-state"
 OPTIMIZER_ROUND_KEY = "fedkd.optimizer-round"
 
 
-def carry_dir(cfg: ExperimentConfig, site_name: str) -> Path:
-    """The site's folder of saved optimiser states for this run."""
+def carry_dir(
+    cfg: ExperimentConfig, site_name: str, kind: str = "optimizer-state"
+) -> Path:
+    """The site's folder of saved per-round state of `kind` for this run."""
     key = hashlib.sha256((cfg.to_yaml() + "|" + site_name).encode()).hexdigest()[:16]
-    return Path(cfg.data.cache_dir).expanduser() / "optimizer-state" / key
+    return Path(cfg.data.cache_dir).expanduser() / kind / key
+
+
+def save_round_file(folder: Path, server_round: int, payload: object) -> None:
+    """Write `payload` as round-<r>.pt (atomically); drop files older than a round."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"round-{server_round}.pt.tmp"
+    torch.save(payload, tmp)
+    tmp.replace(folder / f"round-{server_round}.pt")  # atomic: never half a file
+    for old in folder.glob("round-*.pt"):
+        if int(old.stem.split("-")[1]) < server_round - 1:
+            old.unlink(missing_ok=True)
 
 
 def _from_record(rec: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
@@ -76,11 +89,4 @@ def save_carry(
     flat = {f"{i}/{n}": v for i, st in tensors.items() for n, v in st.items()}
     state[OPTIMIZER_KEY] = ArrayRecord({k: Array(v.numpy()) for k, v in flat.items()})
     state[OPTIMIZER_ROUND_KEY] = ConfigRecord({"round": server_round})
-    folder = carry_dir(cfg, site_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"round-{server_round}.pt.tmp"
-    torch.save(tensors, tmp)
-    tmp.replace(folder / f"round-{server_round}.pt")  # atomic: never half a file
-    for old in folder.glob("round-*.pt"):
-        if int(old.stem.split("-")[1]) < server_round - 1:
-            old.unlink(missing_ok=True)
+    save_round_file(carry_dir(cfg, site_name), server_round, tensors)

@@ -3,8 +3,9 @@
 `train_round` and `evaluate_round` are the plain functions the ClientApp's
 train and evaluate handlers call. What a site keeps from one round to the next
 (its local head, its own model under `local`, its optimiser state, its DP-SGD
-ledger) lives in Flower's `context.state` (the `state` argument), under the
-keys below and those of `client.site.carry` and `client.site.accountant`.
+ledger, its SCAFFOLD control variate) lives in Flower's `context.state` (the
+`state` argument), under the keys below and those of `client.site.carry`,
+`client.site.accountant` and `client.site.control`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from client.site.accountant import load_ledger, save_ledger
 from client.site.carry import load_carry, save_carry
+from client.site.control import control_delta_arrays, load_control, save_control
 from client.site.prepared import PreparedSite
 from client.site.teacher import uses_teacher
 from common.config import ExperimentConfig
@@ -280,6 +282,7 @@ def train_round(
             proj = _projection(student, site, source)
     carry = load_carry(cfg, state, server_round, site.name)
     ledger = load_ledger(cfg, state, server_round, site.name)  # privacy.dp_sgd
+    control = load_control(cfg, state, arrays, server_round, site.name)  # scaffold
     metrics.update(
         train_local(
             student,
@@ -294,11 +297,14 @@ def train_round(
             carry=carry,
             dp_sgd=DPSGD.from_config(cfg.privacy),
             ledger=ledger,
+            control=control,
         )
     )
     save_carry(cfg, state, carry, server_round, site.name)
     save_ledger(cfg, state, ledger, site.name)
+    save_control(cfg, state, control, server_round, site.name)
     out.update(module_arrays(student, STUDENT_PREFIX))
+    out.update(control_delta_arrays(control))  # Delta c_i; c_i stays here
     if proj is not None:
         out.update(module_arrays(proj, PROJ_PREFIX))
     if cfg.federation.strategy == "local":

@@ -228,3 +228,27 @@ def test_dp_sgd_refuses_what_would_tie_one_image_to_the_others(overrides, named)
 )
 def test_dp_sgd_composes_with_what_keeps_each_loss_per_image(extra):
     assert load_config(None, [*DP_SGD, *extra]).privacy.dp_sgd
+
+
+def test_scaffold_is_a_strategy_with_its_server_step():
+    cfg = load_config(None, ["federation.strategy=scaffold",
+                             "federation.server_lr=1.5"])
+    assert cfg.federation.strategy == "scaffold"
+    assert cfg.federation.server_lr == 1.5
+    assert "scaffold" in CHOICES["federation.strategy"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["privacy.dp=true", "teacher.head=local"], "privacy.dp=true"),
+        ([*DP_SGD], "privacy.dp_sgd=true"),
+    ],
+)
+def test_scaffold_refuses_what_its_control_variates_would_get_around(overrides,
+                                                                    named):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["federation.strategy=scaffold", *overrides])
+    msg = str(info.value)
+    assert msg.startswith(f"federation.strategy=scaffold does not compose with {named}")
+    assert "\n" not in msg
