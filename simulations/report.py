@@ -424,6 +424,13 @@ def _table(agg: dict, sv: Any) -> list[str]:
     return lines
 
 
+def _alpha(data: dict) -> str:
+    """' (alpha a)' for a Dirichlet partition; other schemes do not use alpha."""
+    if data.get("partition") != "dirichlet":
+        return ""
+    return f" (alpha {data.get('alpha')})"
+
+
 def _header(exp, records: list[dict], descs: list[dict], axis: str | None) -> list[str]:
     """Title, teacher, data, how to read the tables, and runs left out."""
     first = records[0] if records else {}
@@ -434,8 +441,8 @@ def _header(exp, records: list[dict], descs: list[dict], axis: str | None) -> li
     lines += [
         _teacher_line(records), "",
         f"Data: `{data.get('source')}`, {len(data.get('sites', []))} sites "
-        f"(federated methods), partition {data.get('partition')} "
-        f"(alpha {data.get('alpha')}), shift {data.get('shift')}, labelled fraction "
+        f"(federated methods), partition {data.get('partition')}"
+        f"{_alpha(data)}, shift {data.get('shift')}, labelled fraction "
         f"{data.get('labelled_fraction')}{' (swept)' if axis else ''}; "
         f"{first.get('rounds')} rounds; seeds {sorted(exp.seeds)}.", "",
         f"ACC/AUC in %, mean ± std over seeds; *last-k*: mean over the last "
