@@ -139,6 +139,26 @@ def _bench_app(root: Path, h) -> Path:
     return app
 
 
+def _start_federation(h, npz: Path, root: Path, procs):
+    """SuperLink and two registered SuperNodes (TLS + auth), each with half of npz."""
+    h.write_npz_halves(npz, root / "hospital-a.npz", root / "hospital-b.npz")
+    fed = h.start_federation(root, procs, SITES)
+    for site in SITES:
+        fed.register(site)
+    for site in SITES:
+        fed.start_supernode(site, f"npz:{root / (site + '.npz')}")
+    fed.wait_online(2, timeout=120)
+    _say(f"federation up: SuperLink + 2 SuperNodes, TLS + auth ({root})")
+    return fed
+
+
+def _wait(h, fed, procs, run_id, timeout: float, what: str) -> None:
+    """Wait for run `run_id`; raise with the processes' logs unless it completed."""
+    status = fed.wait_run(run_id, timeout)
+    if status["status"] != "finished:completed":
+        raise RuntimeError(f"{what} ended {status}\n{h.dump_logs(procs)}")
+
+
 def _deployed(
     work: Path, npz: Path, over: list[str], rounds: int, messages: int
 ) -> dict:
@@ -150,14 +170,7 @@ def _deployed(
     root.mkdir(parents=True)
     procs = h.Procs()
     try:
-        h.write_npz_halves(npz, root / "hospital-a.npz", root / "hospital-b.npz")
-        fed = h.start_federation(root, procs, SITES)
-        for site in SITES:
-            fed.register(site)
-        for site in SITES:
-            fed.start_supernode(site, f"npz:{root / (site + '.npz')}")
-        fed.wait_online(2, timeout=120)
-        _say(f"federation up: SuperLink + 2 SuperNodes, TLS + auth ({root})")
+        fed = _start_federation(h, npz, root, procs)
         # 1. evaluate-only messages on a warm cache (the handshake warms it)
         out_msg = root / "messages"
         sets = ";".join([*over, f"run.out_dir={out_msg}"])
@@ -165,9 +178,7 @@ def _deployed(
         run_id = fed.run(
             app, f'config-file="{PRESET}" overrides="{sets}" messages={messages}'
         )
-        status = fed.wait_run(run_id, 1800)
-        if status["status"] != "finished:completed":
-            raise RuntimeError(f"benchmark run ended {status}\n{h.dump_logs(procs)}")
+        _wait(h, fed, procs, run_id, 1800, "benchmark run")
         msg = json.loads((out_msg / "messages.json").read_text())
         load_msg = os.getloadavg()[0]
         _say(
@@ -182,10 +193,8 @@ def _deployed(
         real = h.copy_real_app(root / "real")
         t = time.perf_counter()
         run_id = fed.run(real, f'config-file="{PRESET}" overrides="{sets}"')
-        status = fed.wait_run(run_id, 3600)
+        _wait(h, fed, procs, run_id, 3600, "deployed run")
         wall = time.perf_counter() - t
-        if status["status"] != "finished:completed":
-            raise RuntimeError(f"deployed run ended {status}\n{h.dump_logs(procs)}")
         rows = _rows(out_run)
         _say(f"deployed rounds {[round(r['seconds'], 1) for r in rows]} s")
         return {

@@ -330,6 +330,65 @@ def _resolve(
     return _Round(data, alpha, use_teacher, use_feats, kd_weight), pool
 
 
+def _start_loop(
+    student: nn.Module,
+    data: LocalData,
+    train_cfg: TrainConfig,
+    distill_cfg: DistillConfig,
+    *,
+    seed: int,
+    proj: nn.Module | None,
+    proximal_mu: float,
+    epochs: int | None,
+    lr: float | None,
+    kd_weight: float,
+    carry: OptimizerCarry | None,
+    control: ControlVariates | None,
+) -> _Loop:
+    """Seeded RNGs, the optimiser (state restored from `carry`), train mode."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    r, pool = _resolve(data, distill_cfg, proj, kd_weight)
+    params = list(student.parameters()) + (
+        list(proj.parameters()) if r.use_feats else []
+    )
+    opt = _make_optimizer(params, train_cfg, train_cfg.lr if lr is None else lr)
+    _restore(opt, carry)
+    global_params = (
+        [p.detach().clone() for p in student.parameters()] if proximal_mu > 0 else None
+    )
+    student.train()
+    if proj is not None:
+        proj.train()
+    loop = _Loop(
+        student=student,
+        proj=proj if r.use_feats else None,
+        opt=opt,
+        r=r,
+        pool=pool,
+        gen=gen,
+        train_cfg=train_cfg,
+        distill_cfg=distill_cfg,
+        epochs=epochs or train_cfg.local_epochs,
+        global_params=global_params,
+        proximal_mu=proximal_mu,
+        drift=None
+        if control is None
+        else _Drift(student, control, train_cfg.weight_decay),
+    )
+    return loop
+
+
+def _run_private(loop: _Loop, dp_sgd: DPSGD, ledger: Ledger) -> dict[str, float]:
+    """DP-SGD steps recorded in `ledger`; the site's epsilon so far and its inputs."""
+    _train_private(loop, dp_sgd, ledger)
+    return {
+        "dp_sgd_epsilon": ledger.epsilon(dp_sgd.delta, dp_sgd.accountant),
+        "dp_sgd_steps": float(ledger.steps),
+        "dp_sgd_sample_rate": sample_rate(len(loop.pool), loop.train_cfg.batch_size),
+    }
+
+
 def train_local(
     student: nn.Module,
     data: LocalData,
@@ -364,57 +423,26 @@ def train_local(
             "federation.strategy=scaffold does not compose with privacy.dp_sgd"
         )
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    r, pool = _resolve(data, distill_cfg, proj, kd_weight)
-    params = list(student.parameters()) + (
-        list(proj.parameters()) if r.use_feats else []
-    )
-    opt = _make_optimizer(params, train_cfg, train_cfg.lr if lr is None else lr)
-    _restore(opt, carry)
-    global_params = (
-        [p.detach().clone() for p in student.parameters()] if proximal_mu > 0 else None
-    )
-    student.train()
-    if proj is not None:
-        proj.train()
-    loop = _Loop(
-        student=student,
-        proj=proj if r.use_feats else None,
-        opt=opt,
-        r=r,
-        pool=pool,
-        gen=gen,
-        train_cfg=train_cfg,
-        distill_cfg=distill_cfg,
-        epochs=epochs or train_cfg.local_epochs,
-        global_params=global_params,
-        proximal_mu=proximal_mu,
-        drift=None
-        if control is None
-        else _Drift(student, control, train_cfg.weight_decay),
+    loop = _start_loop(
+        student, data, train_cfg, distill_cfg, seed=seed, proj=proj,
+        proximal_mu=proximal_mu, epochs=epochs, lr=lr, kd_weight=kd_weight,
+        carry=carry, control=control,
     )
     privacy: dict[str, float] = {}
     if dp_sgd is None:
-        _train_plain(loop, params)
+        _train_plain(loop, loop.params)
     else:
-        ledger = ledger if ledger is not None else Ledger()
-        _train_private(loop, dp_sgd, ledger)
-        privacy = {
-            "dp_sgd_epsilon": ledger.epsilon(dp_sgd.delta, dp_sgd.accountant),
-            "dp_sgd_steps": float(ledger.steps),
-            "dp_sgd_sample_rate": sample_rate(len(pool), train_cfg.batch_size),
-        }
+        privacy = _run_private(loop, dp_sgd, ledger if ledger is not None else Ledger())
     if loop.steps == 0:
         raise ValueError("no training step ran; batch_size too large for the site?")
     if carry is not None:
-        carry.state = opt.state_dict()["state"]
+        carry.state = loop.opt.state_dict()["state"]
     drift: dict[str, float] = {}
     if loop.drift is not None:
         loop.drift.finish(control)
         drift["scaffold_shift_norm"] = loop.drift.shift_norm()
     secs = time.perf_counter() - t0
-    out = _train_metrics(loop.sums, loop.steps, loop.seen, len(pool), secs)
+    out = _train_metrics(loop.sums, loop.steps, loop.seen, len(loop.pool), secs)
     return {**out, **privacy, **drift}
 
 
@@ -439,6 +467,12 @@ class _Loop:
     )
     steps: int = 0
     seen: int = 0  # sample-gradients
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """What the optimiser steps: the student, and the projection if it trains."""
+        extra = list(self.proj.parameters()) if self.proj is not None else []
+        return list(self.student.parameters()) + extra
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """The batch's loss (without the proximal term); its parts go in `sums`."""

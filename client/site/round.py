@@ -242,6 +242,41 @@ def _projection(
     return proj.to(site.device)
 
 
+def _teacher_terms(
+    cfg: ExperimentConfig,
+    site: PreparedSite,
+    arrays: ArrayRecord,
+    state: RecordDict,
+    student: nn.Module,
+    source: ArrayRecord,
+    num_classes: int,
+    seed: int,
+    federation_weight: float | None,
+    out: dict[str, np.ndarray],
+    metrics: dict[str, float],
+) -> tuple[LocalData, nn.Linear | None, float]:
+    """(data with soft targets, feature projection or None, KD weight).
+
+    Adds the head to send back (if any) to `out` and the gate's metrics to
+    `metrics`.
+    """
+    with phase("head"):  # the round's head and its soft targets
+        target_head, send_head = _head_for_round(
+            cfg, site, arrays, state, num_classes, seed
+        )
+        data = _with_targets(cfg, site, target_head)
+    with phase("gate"):
+        kd_weight, gate_metrics = kd_gate(
+            cfg, site, student, target_head, federation_weight
+        )
+    metrics.update(gate_metrics)
+    if send_head is not None:
+        out.update(module_arrays(send_head, HEAD_PREFIX))
+    if cfg.distill.feature_weight <= 0:
+        return data, None, kd_weight
+    return data, _projection(student, site, source), kd_weight
+
+
 def train_round(
     cfg: ExperimentConfig,
     site: PreparedSite,
@@ -266,20 +301,10 @@ def train_round(
     metrics: dict[str, float] = {}
     data, proj, kd_weight = site.train, None, 1.0
     if uses_teacher(cfg):
-        with phase("head"):  # the round's head and its soft targets
-            target_head, send_head = _head_for_round(
-                cfg, site, arrays, state, num_classes, seed
-            )
-            data = _with_targets(cfg, site, target_head)
-        with phase("gate"):
-            kd_weight, gate_metrics = kd_gate(
-                cfg, site, student, target_head, federation_weight
-            )
-        metrics.update(gate_metrics)
-        if send_head is not None:
-            out.update(module_arrays(send_head, HEAD_PREFIX))
-        if cfg.distill.feature_weight > 0:
-            proj = _projection(student, site, source)
+        data, proj, kd_weight = _teacher_terms(
+            cfg, site, arrays, state, student, source, num_classes, seed,
+            federation_weight, out, metrics,
+        )
     carry = load_carry(cfg, state, server_round, site.name)
     ledger = load_ledger(cfg, state, server_round, site.name)  # privacy.dp_sgd
     control = load_control(cfg, state, arrays, server_round, site.name)  # scaffold
