@@ -55,6 +55,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common import timing
 from common.run_folder import config_from_run_config
 from common.serialization import PROFILE_RECORD, pack
 from server.exchange import exchange
@@ -97,7 +98,9 @@ def main(grid: Grid, context: Context) -> None:
         assert not any(r.has_error() for r in replies), [
             r.error.reason for r in replies if r.has_error()
         ]
-        profiles.append([dict(r.content[PROFILE_RECORD]) for r in replies])
+        profiles.append(
+            [timing.from_metrics(dict(r.content[PROFILE_RECORD])) for r in replies]
+        )
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "messages.json").write_text(

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from benchmarks import comm, deploy, mia, overhead, scale, teacher_cache, why_distil
+from benchmarks import (
+    comm,
+    deploy,
+    mia,
+    overhead,
+    scale,
+    teacher_cache,
+    threads,
+    why_distil,
+)
 from benchmarks._util import parser
 
-BENCHMARKS = (why_distil, teacher_cache, comm, overhead, scale, mia, deploy)
+BENCHMARKS = (why_distil, teacher_cache, comm, overhead, scale, threads, mia, deploy)
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ from common import timing
 
 # isort: split
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import (
@@ -39,6 +41,7 @@ from client.site import (
     head_stats,
     site_cache,
     site_info,
+    site_threads,
     threshold_stats,
     train_round,
     uses_teacher,
@@ -67,13 +70,15 @@ app = ClientApp()
 timing.app_imported()
 
 
-def _unpack(msg: Message) -> tuple[ExperimentConfig, ConfigRecord]:
+def _unpack(
+    msg: Message, node_config: Mapping[str, Any]
+) -> tuple[ExperimentConfig, ConfigRecord]:
     if "config" not in msg.content.config_records:
         raise MessageError("message has no ConfigRecord 'config'; is the server ours?")
     conf = msg.content["config"]
     if "experiment" not in conf:
         raise MessageError("ConfigRecord 'config' lacks key 'experiment' (config YAML)")
-    cfg = site_cache.config(str(conf["experiment"]))
+    cfg = site_threads(site_cache.config(str(conf["experiment"])), node_config)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     return cfg, conf
@@ -90,7 +95,7 @@ def _site(
 ) -> tuple[ExperimentConfig, ConfigRecord, PreparedSite]:
     """(config, config record, prepared site) of a message, phases timed."""
     with phase("config"):
-        cfg, conf = _unpack(msg)
+        cfg, conf = _unpack(msg, context.node_config)
     with phase("site"):
         site = site_cache.site(cfg, dict(context.node_config))
     return cfg, conf, site

@@ -168,11 +168,17 @@ class NodeConfig:
     site: str
     data_source: str
     cache_dir: Path
+    # CPU threads of this site's ClientApp; 0 = every CPU the process may use.
+    # Set it when SuperNodes share a machine (cores / SuperNodes each): torch
+    # threads of two sites on the same cores slow both several-fold
+    num_threads: int = 0
 
     def as_flower_arg(self) -> str:
         """The ``--node-config`` value: space-separated TOML string pairs."""
         pairs = {"site": self.site, "data-source": self.data_source,
                  "cache-dir": str(self.cache_dir)}
+        if self.num_threads:
+            pairs["num-threads"] = str(self.num_threads)
         return " ".join(f'{key}="{value}"' for key, value in pairs.items())
 
 
@@ -192,6 +198,11 @@ def validate_node_config(cfg: NodeConfig) -> NodeConfig:
                 f"node config {key}={value!r} contains whitespace or quotes, which "
                 "Flower's --node-config cannot carry; rename/move it"
             )
+    if not 0 <= cfg.num_threads <= 256:
+        raise LaunchError(
+            f"num-threads={cfg.num_threads} is outside [0, 256]; pass --num-threads "
+            "<CPU threads for this site> (0 = all)"
+        )
     source = cfg.data_source
     if source == "br35h":
         pass
@@ -350,6 +361,9 @@ def _supernode_args(sub) -> None:
                       help="br35h | npz:<path> | folder:<path>")
     node.add_argument("--cache-dir", type=Path, required=True,
                       help="teacher feature cache folder")
+    node.add_argument("--num-threads", type=int, default=0,
+                      help="CPU threads for this site's training (default 0: all "
+                      "CPUs; SuperNodes sharing a machine: cores / SuperNodes)")
     node.add_argument("--host", default="127.0.0.1",
                       help="local Runtime API host (default 127.0.0.1)")
     node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT,
@@ -406,7 +420,8 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         return superlink_argv(spec), env
     spec_n = SuperNodeSpec(
         superlink=args.superlink,
-        node=NodeConfig(args.site, args.data_source, args.cache_dir),
+        node=NodeConfig(args.site, args.data_source, args.cache_dir,
+                        args.num_threads),
         ca_cert=args.ca, private_key=args.key, host=args.host, port=args.port,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time,
         insecure=args.insecure, i_understand_insecure=args.ack_insecure,

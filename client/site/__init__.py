@@ -2,7 +2,8 @@
 
 One job per module:
 
-- `teacher`: whether the teacher is needed, the site's device, its build;
+- `teacher`: whether the teacher is needed, the site's device and CPU
+  threads (`site_threads`: the node config's `num-threads`), its build;
 - `prepared`: `PreparedSite` (student tensors + teacher features) and the
   handshake's `site_info`;
 - `cache`: `SiteCache`, the per-process cache, and `site_cache`, its one
@@ -29,7 +30,7 @@ from client.site.round import (
     site_seed,
     train_round,
 )
-from client.site.teacher import site_device, uses_teacher
+from client.site.teacher import site_device, site_threads, uses_teacher
 
 __all__ = [
     "PreparedSite",
@@ -47,6 +48,7 @@ __all__ = [
     "site_device",
     "site_info",
     "site_seed",
+    "site_threads",
     "threshold_stats",
     "train_round",
     "uses_teacher",

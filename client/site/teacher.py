@@ -8,10 +8,15 @@ only on a miss.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
 import torch
 
 from common.config import ExperimentConfig
 from common.device import setup_device
+from common.errors import ConfigError
 from common.models.teacher import FrozenTeacher, load_teacher
 
 
@@ -23,6 +28,31 @@ def uses_teacher(cfg: ExperimentConfig) -> bool:
 def site_device(cfg: ExperimentConfig) -> torch.device:
     """The device `run.device` resolves to here (CPU threads set on the way)."""
     return setup_device(cfg.run.device, cfg.train.num_threads)
+
+
+def site_threads(
+    cfg: ExperimentConfig, node_config: Mapping[str, Any]
+) -> ExperimentConfig:
+    """`cfg` with `train.num_threads` from the node config's `num-threads`, if set.
+
+    The CPUs belong to the site, not to the run: a SuperNode started with
+    `deploy/launch.py supernode --num-threads N` (SuperNodes sharing one
+    machine) trains on N threads whatever the experiment says; unset or 0
+    leaves the experiment's value.
+    """
+    raw = node_config.get("num-threads")
+    if raw is None or str(raw).strip() in ("", "0"):
+        return cfg
+    try:
+        n = int(str(raw))
+    except ValueError:
+        n = -1
+    if not 1 <= n <= 256:
+        raise ConfigError(
+            f"node config num-threads={raw!r} is not an integer in [0, 256]; "
+            "restart the SuperNode with --num-threads <CPU threads> (0 = all)"
+        )
+    return replace(cfg, train=replace(cfg.train, num_threads=n))
 
 
 def build_teacher(cfg: ExperimentConfig, device: torch.device) -> FrozenTeacher:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar  # scipy comes with scikit-learn
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -280,6 +279,10 @@ def fit_logit_scale(
         raise ValueError(f"labels must be integers in [0, {x.shape[1]})")
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
     # Convex in s, so a bounded 1-D search (Brent, deterministic) finds the optimum.
+    # scipy (it comes with scikit-learn) is imported here, not at the top: its
+    # 1-2 s import would be paid by every message's fresh ClientApp process
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(
         lambda log_s: _mean_cross_entropy(np.exp(log_s) * x, y),
         bounds=(lo, hi),

@@ -55,7 +55,19 @@ def test_benchmarks_run_on_tiny_settings(pneumonia_npz, tmp_path):
 def test_run_all_covers_every_benchmark():
     names = {m.__name__.rsplit(".", 1)[-1] for m in run_all.BENCHMARKS}
     assert names == {"why_distil", "teacher_cache", "comm", "overhead", "scale",
-                     "mia", "deploy"}
+                     "threads", "mia", "deploy"}
+
+
+@pytest.mark.slow
+def test_threads_benchmark_times_three_arms(tmp_path):
+    from benchmarks import threads
+
+    out = tmp_path / "results.json"
+    keys = threads.run(True, out, tmp_path)
+    detail = json.loads(out.read_text())["details"]["threads"]
+    assert keys["colocated_share_vs_all_threads"] > 0
+    for arm in ("alone_s", "two_all_threads_s", "two_share_threads_s"):
+        assert detail[arm] > 0, arm
 
 
 @pytest.mark.slow

@@ -96,3 +96,18 @@ def test_missing_experiment_config_is_an_error_reply(tmp_path):
         app(
             _msg(MessageType.QUERY, RecordDict({"config": ConfigRecord()})), _context(0)
         )
+
+
+def test_the_per_message_process_imports_no_heavy_optional_package():
+    # Flower starts a fresh ClientApp process for every deployed message, so
+    # every import here is paid per message (scipy alone took 1-2 s)
+    import subprocess
+    import sys
+
+    heavy = ("scipy", "timm", "sklearn", "torchvision", "opacus", "matplotlib")
+    code = f"import client.app, sys; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert out.stdout.strip() == "[]"

@@ -257,6 +257,9 @@ class Federation:
     port: int
     env: dict[str, str]
     link: subprocess.Popen | None = None
+    # the SuperNodes share this machine's CPUs: each site trains on its share
+    # (torch threads of two sites on the same cores slow both several-fold)
+    node_threads: int = 0
 
     @property
     def address(self) -> str:
@@ -287,7 +290,7 @@ class Federation:
         cache.mkdir(parents=True, exist_ok=True)
         spec = launch.SuperNodeSpec(
             superlink=self.address,
-            node=launch.NodeConfig(name, data_source, cache),
+            node=launch.NodeConfig(name, data_source, cache, self.node_threads),
             ca_cert=self.creds / "ca.crt", private_key=self.creds / f"{name}.key",
             port=free_port(), max_retries=max_retries,
         )
@@ -345,7 +348,9 @@ def start_federation(root: Path, procs: Procs, node_names: list[str]
         state_dir=root, ca_cert=creds / "ca.crt", cert=creds / "superlink.crt",
         key=creds / "superlink.key", host="127.0.0.1", port=port,
     )
-    fed = Federation(root=root, procs=procs, creds=creds, port=port, env=env)
+    cpus = len(os.sched_getaffinity(0))
+    fed = Federation(root=root, procs=procs, creds=creds, port=port, env=env,
+                     node_threads=max(1, cpus // len(node_names)))
     fed.link = procs.start("superlink", launch.superlink_argv(spec), env, root,
                            cwd=root)
     wait_port(port, 60, fed.link)

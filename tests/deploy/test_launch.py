@@ -172,3 +172,14 @@ def test_cli_supernode_validates_before_start(creds, tmp_path):
                "--cache-dir", str(tmp_path / "c"), "--dry-run")
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and "/missing.npz" in res.stderr
+
+
+def test_node_config_carries_the_sites_cpu_threads(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    node = la.NodeConfig("hospital-a", "br35h", tmp_path / "c", num_threads=3)
+    parsed = parse_config_args([node.as_flower_arg()])
+    assert parsed["num-threads"] == "3"
+    assert "num-threads" not in la.NodeConfig("a", "br35h", tmp_path).as_flower_arg()
+    with pytest.raises(la.LaunchError, match="num-threads=-1"):
+        la.validate_node_config(la.NodeConfig("a", "br35h", tmp_path, num_threads=-1))
