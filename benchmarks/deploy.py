@@ -6,7 +6,11 @@ On loopback, a SuperLink and 2 SuperNodes with TLS and SuperNode auth
 (`tests/deploy/harness.py`, `deploy/launch.py`), each SuperNode on one half of
 the shared pneumonia file; the deployment preset (`simulations/configs/
 deploy.yaml`) with a random ViT-S/14 teacher at 56 px (`--quick`: a tiny ViT at
-32 px and a tiny student).
+32 px and a tiny student). Each SuperNode trains on its share of the cores
+(`--num-threads`). The deployment is measured twice, one after the other:
+with a warm site worker per SuperNode (`deploy.launch supernode --worker`,
+client/worker.py; the headline keys) and with Flower's fresh ClientApp process
+per message (the `_cold` keys).
 
 - `deploy_message_fixed_s`: a throwaway ServerApp (our ClientApp unchanged)
   first sends the handshake, which fills each site's teacher cache, then sends
@@ -142,16 +146,17 @@ def _bench_app(root: Path, h) -> Path:
     return app
 
 
-def _start_federation(h, npz: Path, root: Path, procs):
+def _start_federation(h, npz: Path, root: Path, procs, worker: bool):
     """SuperLink and two registered SuperNodes (TLS + auth), each with half of npz."""
     h.write_npz_halves(npz, root / "hospital-a.npz", root / "hospital-b.npz")
     fed = h.start_federation(root, procs, SITES)
     for site in SITES:
         fed.register(site)
     for site in SITES:
-        fed.start_supernode(site, f"npz:{root / (site + '.npz')}")
+        fed.start_supernode(site, f"npz:{root / (site + '.npz')}", worker=worker)
     fed.wait_online(2, timeout=120)
-    _say(f"federation up: SuperLink + 2 SuperNodes, TLS + auth ({root})")
+    kind = "a warm site worker each" if worker else "a fresh process per message"
+    _say(f"federation up: SuperLink + 2 SuperNodes ({kind}), TLS + auth ({root})")
     return fed
 
 
@@ -163,17 +168,18 @@ def _wait(h, fed, procs, run_id, timeout: float, what: str) -> None:
 
 
 def _deployed(
-    work: Path, npz: Path, over: list[str], rounds: int, messages: int
+    work: Path, npz: Path, over: list[str], rounds: int, messages: int,
+    worker: bool,
 ) -> dict:
     """Start the loopback federation; time evaluate messages, then a real run."""
     from tests.deploy import harness as h
 
-    root = work / "deploy"
+    root = work / ("deploy-warm" if worker else "deploy")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     procs = h.Procs()
     try:
-        fed = _start_federation(h, npz, root, procs)
+        fed = _start_federation(h, npz, root, procs, worker)
         # 1. evaluate-only messages on a warm cache (the handshake warms it)
         out_msg = root / "messages"
         sets = ";".join([*over, f"run.out_dir={out_msg}"])
@@ -333,13 +339,17 @@ def run(quick: bool, out: Path, work: Path) -> dict:
 
         npz = small_npz(SHARED_NPZ, work / "small.npz")
     load_start = round(os.getloadavg()[0], 2)
-    dep = _deployed(work, npz, over, rounds, messages)
+    cold = _deployed(work, npz, over, rounds, messages, worker=False)
+    dep = _deployed(work, npz, over, rounds, messages, worker=True)
     _say("in-process simulation of the same preset ...")
     sim = _simulated(work, npz, over, rounds)
     steady = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs)  # noqa: E731
     fixed = round(statistics.median(dep["evaluate_s"]), 2)
     ratio = round(steady(dep["round_s"]) / steady(sim["round_s"]), 2)
+    fixed_cold = round(statistics.median(cold["evaluate_s"]), 2)
+    ratio_cold = round(steady(cold["round_s"]) / steady(sim["round_s"]), 2)
     profile = {**profiles(dep), "fab": dep["fab"]}
+    profile_cold = {**profiles(cold), "fab": cold["fab"]}
     detail = {
         "settings": ("quick: " if quick else "") + "; ".join(over),
         "data": str(npz),
@@ -347,13 +357,23 @@ def run(quick: bool, out: Path, work: Path) -> dict:
         "rounds": rounds,
         "load_start": load_start,
         "deployed": dep,
+        "deployed_cold": cold,
         "simulated": sim,
         "profile": profile,
-        "note": "2 SuperNodes on loopback, TLS + node auth, subprocess isolation; "
+        "profile_cold": profile_cold,
+        "note": "2 SuperNodes on loopback, TLS + node auth, subprocess isolation, "
+        "each SuperNode on its share of the cores (--num-threads); the headline "
+        "keys with a warm site worker per SuperNode (deploy.launch supernode "
+        "--worker), the _cold keys with Flower's fresh process per message; "
         "fixed cost = median round trip of an evaluate-only message to both sites "
         "on a warm cache; ratio = median steady round, deployed / in-process",
     }
-    keys = {"deploy_message_fixed_s": fixed, "deploy_round_vs_sim_ratio": ratio}
+    keys = {
+        "deploy_message_fixed_s": fixed,
+        "deploy_round_vs_sim_ratio": ratio,
+        "deploy_message_fixed_s_cold": fixed_cold,
+        "deploy_round_vs_sim_ratio_cold": ratio_cold,
+    }
     if not quick:
         merge(out, "deploy", keys, detail)
     print(
@@ -365,18 +385,31 @@ def run(quick: bool, out: Path, work: Path) -> dict:
                     f"{steady(dep['round_s']):.1f} (load {dep['load_rounds']})",
                 ),
                 (
+                    "deploy_message_fixed_s_cold",
+                    f"{fixed_cold} (load {cold['load_messages']})",
+                ),
+                (
+                    "deployed steady round s, cold",
+                    f"{steady(cold['round_s']):.1f} (load {cold['load_rounds']})",
+                ),
+                (
                     "simulated steady round s",
                     f"{steady(sim['round_s']):.1f} (load {sim['load_rounds']})",
                 ),
                 ("deploy_round_vs_sim_ratio", ratio),
+                ("deploy_round_vs_sim_ratio_cold", ratio_cold),
             ]
         )
     )
+    print("warm site worker:")
     print(profile_table(profile))
+    print("fresh process per message (cold):")
+    print(profile_table(profile_cold))
     return {**keys, "detail": detail}
 
 
-PHASE_ORDER = ("outside", "start", "import", "load", "config", "site", "features")
+PHASE_ORDER = ("outside", "start", "import", "load", "worker", "config", "site")
+PHASE_ORDER += ("features",)
 PHASE_ORDER += ("eval", "head", "gate", "train", "reply", "handler", "round_trip")
 
 

@@ -16,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from common import timing
 from common.errors import MessageError
 
 STUDENT_PREFIX = "student."
@@ -46,9 +47,10 @@ def reply_prefixes(strategy: str) -> tuple[str, ...]:
 EVAL_RECEIVED = "evaluate-received"
 EVAL_RECORD = "eval"
 # Train and evaluate replies carry the site's seconds per phase of handling the
-# message (`t_<phase>_s` scalars, common/timing.py) in a ConfigRecord of their
-# own, so that they stay out of the model metrics Flower aggregates.
-PROFILE_RECORD = "profile"
+# message (`t_<phase>_s` scalars) in a ConfigRecord of their own, so that they
+# stay out of the model metrics Flower aggregates (defined in common/timing.py,
+# which the torch-free deployed ClientApp entry imports).
+PROFILE_RECORD = timing.PROFILE_RECORD
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 

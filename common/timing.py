@@ -39,6 +39,8 @@ _LOADED_AT = time.perf_counter()
 log = logging.getLogger(__name__)
 
 COLD_PHASES = ("start", "import", "load")
+# the reply's ConfigRecord holding the phases (re-exported by common.serialization)
+PROFILE_RECORD = "profile"
 
 
 def metric_name(phase_name: str) -> str:

@@ -39,7 +39,9 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +163,34 @@ def superlink_argv(spec: SuperLinkSpec, executable: str | None = None
 
 
 # ----------------------------------------------------------------- SuperNode
+WORKER_SOCKET = "site-worker.sock"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
+
+
+def worker_argv(socket_path: Path, parent_pid: int) -> list[str]:
+    """The warm site worker's command line (it stops when `parent_pid` exits)."""
+    return [sys.executable, "-m", "client.worker", "--socket", str(socket_path),
+            "--parent-pid", str(parent_pid)]
+
+
+def start_worker(socket_path: Path, parent_pid: int, env: dict[str, str]
+                 ) -> subprocess.Popen:
+    """Start the site worker; return once its socket is up (or raise)."""
+    socket_path.unlink(missing_ok=True)
+    proc = subprocess.Popen(worker_argv(socket_path, parent_pid), env=env)
+    deadline = time.monotonic() + 120  # it imports torch and the app once
+    while not socket_path.is_socket():
+        if proc.poll() is not None:
+            raise LaunchError(f"the site worker exited with code {proc.returncode}; "
+                              "its error is printed above")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise LaunchError(f"the site worker did not open {socket_path} in 120 s")
+        time.sleep(0.1)
+    print(f"site worker up on {socket_path} (pid {proc.pid})", flush=True)
+    return proc
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """A site's identity as its ClientApp reads it from the node config."""
@@ -172,6 +202,8 @@ class NodeConfig:
     # Set it when SuperNodes share a machine (cores / SuperNodes each): torch
     # threads of two sites on the same cores slow both several-fold
     num_threads: int = 0
+    # the warm site worker's Unix socket (client/worker.py); None = no worker
+    worker_socket: Path | None = None
 
     def as_flower_arg(self) -> str:
         """The ``--node-config`` value: space-separated TOML string pairs."""
@@ -179,6 +211,8 @@ class NodeConfig:
                  "cache-dir": str(self.cache_dir)}
         if self.num_threads:
             pairs["num-threads"] = str(self.num_threads)
+        if self.worker_socket is not None:
+            pairs["worker-socket"] = str(self.worker_socket)
         return " ".join(f'{key}="{value}"' for key, value in pairs.items())
 
 
@@ -190,7 +224,8 @@ def validate_node_config(cfg: NodeConfig) -> NodeConfig:
     may not contain whitespace or quotes.
     """
     for key, value in (("site", cfg.site), ("data-source", cfg.data_source),
-                       ("cache-dir", str(cfg.cache_dir))):
+                       ("cache-dir", str(cfg.cache_dir)),
+                       ("worker-socket", str(cfg.worker_socket or "-"))):
         if not value:
             raise LaunchError(f"node config {key} is empty; pass --{key} <value>")
         if any(ch.isspace() for ch in value) or '"' in value or "'" in value:
@@ -198,6 +233,11 @@ def validate_node_config(cfg: NodeConfig) -> NodeConfig:
                 f"node config {key}={value!r} contains whitespace or quotes, which "
                 "Flower's --node-config cannot carry; rename/move it"
             )
+    if cfg.worker_socket is not None and len(str(cfg.worker_socket)) > SOCKET_PATH_MAX:
+        raise LaunchError(
+            f"worker socket {cfg.worker_socket} is longer than {SOCKET_PATH_MAX} "
+            "characters, the limit of a Unix socket path; use a shorter --state"
+        )
     if not 0 <= cfg.num_threads <= 256:
         raise LaunchError(
             f"num-threads={cfg.num_threads} is outside [0, 256]; pass --num-threads "
@@ -361,6 +401,10 @@ def _supernode_args(sub) -> None:
                       help="br35h | npz:<path> | folder:<path>")
     node.add_argument("--cache-dir", type=Path, required=True,
                       help="teacher feature cache folder")
+    node.add_argument("--worker", action="store_true",
+                      help="keep the site warm: a long-lived worker process "
+                      f"(client/worker.py) on the Unix socket <state>/{WORKER_SOCKET} "
+                      "handles the messages instead of a fresh process each")
     node.add_argument("--num-threads", type=int, default=0,
                       help="CPU threads for this site's training (default 0: all "
                       "CPUs; SuperNodes sharing a machine: cores / SuperNodes)")
@@ -421,7 +465,8 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     spec_n = SuperNodeSpec(
         superlink=args.superlink,
         node=NodeConfig(args.site, args.data_source, args.cache_dir,
-                        args.num_threads),
+                        args.num_threads,
+                        args.state / WORKER_SOCKET if args.worker else None),
         ca_cert=args.ca, private_key=args.key, host=args.host, port=args.port,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time,
         insecure=args.insecure, i_understand_insecure=args.ack_insecure,
@@ -453,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     if args.role == "supernode":
         args.cache_dir.mkdir(parents=True, exist_ok=True)
+    if args.role == "supernode" and args.worker:
+        try:
+            start_worker(args.state / WORKER_SOCKET, os.getpid(), env)
+        except LaunchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     print(f"starting: {shlex.join(command)}", flush=True)
     os.execve(command[0], command, env)
     return 0  # pragma: no cover - execve does not return

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,15 +283,30 @@ class Federation:
         assert res.returncode == 0, res.stdout + res.stderr
         return json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
 
+    def start_worker(self, name: str) -> Path:
+        """A warm site worker for SuperNode `name`; its socket once it is up."""
+        sock = Path(tempfile.mkdtemp(prefix="fedkd-", dir="/tmp")) / "w.sock"
+        proc = self.procs.start(f"worker-{name}",
+                                launch.worker_argv(sock, os.getpid()),
+                                {**self.env}, self.root)
+        deadline = time.monotonic() + 120
+        while not sock.is_socket():
+            assert proc.poll() is None, dump_logs(self.procs)
+            assert time.monotonic() < deadline, "site worker not up in 120 s"
+            time.sleep(0.1)
+        return sock
+
     def start_supernode(self, name: str, data_source: str, *,
-                        ca: bool = True, max_retries: int | None = None
-                        ) -> subprocess.Popen:
+                        ca: bool = True, max_retries: int | None = None,
+                        worker: bool = False) -> subprocess.Popen:
         home = self.root / f"node-{name}"
         cache = home / "cache"
         cache.mkdir(parents=True, exist_ok=True)
+        sock = self.start_worker(name) if worker else None
         spec = launch.SuperNodeSpec(
             superlink=self.address,
-            node=launch.NodeConfig(name, data_source, cache, self.node_threads),
+            node=launch.NodeConfig(name, data_source, cache, self.node_threads,
+                                   sock),
             ca_cert=self.creds / "ca.crt", private_key=self.creds / f"{name}.key",
             port=free_port(), max_retries=max_retries,
         )

@@ -41,8 +41,9 @@ def fed(tmp_path_factory):
         credentials.create_supernode_keys(federation.creds, "intruder")
         for site in SITES:
             federation.register(site)
-        for site in SITES:
-            federation.start_supernode(site, f"npz:{root / (site + '.npz')}")
+        for site in SITES:  # hospital-a keeps a warm worker, hospital-b does not
+            federation.start_supernode(site, f"npz:{root / (site + '.npz')}",
+                                       worker=site == "hospital-a")
         federation.wait_online(2, timeout=90)
         yield federation
     except Exception:
@@ -92,6 +93,12 @@ def test_real_app_two_rounds_over_tls(fed, tmp_path):
     assert card["data"]["partition"] is None
     assert card["model"]["classes"] == ["normal", "pneumonia"]
     assert not card["shared_with_server"]["class_counts"]
+    # hospital-a's warm worker handled its messages (handshake, rounds,
+    # calibration); hospital-b's fresh ClientApp processes gave the same kind
+    # of replies
+    served = (fed.root / "worker-hospital-a.log").read_text()
+    assert served.count("train handled") == 2, served[-2000:]
+    assert "query handled" in served
     # progress where operators look
     shown = fed.flwr("log", str(run_id), "fedkd", "--show", timeout=60)
     assert "round 2/2" in shown.stdout + shown.stderr, shown.stdout[-2000:]

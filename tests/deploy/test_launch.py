@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,20 @@ def test_node_config_carries_the_sites_cpu_threads(tmp_path):
     assert "num-threads" not in la.NodeConfig("a", "br35h", tmp_path).as_flower_arg()
     with pytest.raises(la.LaunchError, match="num-threads=-1"):
         la.validate_node_config(la.NodeConfig("a", "br35h", tmp_path, num_threads=-1))
+
+
+def test_cli_supernode_with_a_worker_names_its_socket(creds, tmp_path):
+    state = Path(tempfile.mkdtemp(dir="/tmp"))  # a short path: sockets hold 107 B
+    res = _cli("supernode", "--state", str(state), "--superlink", "l:9093",
+               "--ca", str(creds / "ca.crt"), "--key", str(creds / "hospital-a.key"),
+               "--site", "a", "--data-source", "br35h", "--worker",
+               "--num-threads", "1", "--cache-dir", str(tmp_path / "c"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert f'worker-socket="{state / la.WORKER_SOCKET}"' in res.stdout
+    assert 'num-threads="1"' in res.stdout
+
+
+def test_a_worker_socket_path_too_long_for_unix_is_refused(tmp_path):
+    node = la.NodeConfig("a", "br35h", tmp_path, worker_socket=Path("/" + "x" * 120))
+    with pytest.raises(la.LaunchError, match="longer than 107"):
+        la.validate_node_config(node)
