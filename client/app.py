@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client import secagg
 from client.site import (
     PreparedSite,
     calibration_stats,
@@ -73,9 +74,12 @@ timing.app_imported()
 def _unpack(
     msg: Message, node_config: Mapping[str, Any]
 ) -> tuple[ExperimentConfig, ConfigRecord]:
-    if "config" not in msg.content.config_records:
+    if secagg.is_secure(msg):  # Flower's SecAgg+ workflow: the legacy layout
+        conf = secagg.train_inputs(msg)[1]
+    elif "config" not in msg.content.config_records:
         raise MessageError("message has no ConfigRecord 'config'; is the server ours?")
-    conf = msg.content["config"]
+    else:
+        conf = msg.content["config"]
     if "experiment" not in conf:
         raise MessageError("ConfigRecord 'config' lacks key 'experiment' (config YAML)")
     cfg = site_threads(site_cache.config(str(conf["experiment"])), node_config)
@@ -85,6 +89,8 @@ def _unpack(
 
 
 def _arrays(msg: Message) -> ArrayRecord:
+    if secagg.is_secure(msg):
+        return secagg.train_inputs(msg)[0]
     if "arrays" not in msg.content.array_records:
         raise MessageError("message has no ArrayRecord 'arrays' with the global model")
     return msg.content["arrays"]
@@ -136,22 +142,23 @@ def _federation_weight(conf: ConfigRecord) -> float | None:
     return None if value is None else float(value)
 
 
-@app.train(mods=[dp_clipping])
+@app.train(mods=[secagg.secagg_mod, dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Distil into the global student on this site's data and reply its update."""
     with timing.profiled("train") as prof:
         cfg, conf, site = _site(msg, context)
+        global_arrays = _arrays(msg)
         received = None
         if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: first
             with phase("eval"):
                 received = evaluate_round(
-                    cfg, site, _arrays(msg), context.state, int(conf["num-classes"])
+                    cfg, site, global_arrays, context.state, int(conf["num-classes"])
                 )
         with phase("train"):
             arrays, metrics = train_round(
                 cfg,
                 site,
-                _arrays(msg),
+                global_arrays,
                 context.state,
                 server_round=int(conf.get("server-round", 0)),
                 num_classes=int(conf["num-classes"]),
@@ -159,22 +166,35 @@ def train(msg: Message, context: Context) -> Message:
                 federation_weight=_federation_weight(conf),
             )
         with phase("reply"):
-            content = RecordDict(
-                {
-                    "arrays": pack(
-                        arrays,
-                        cfg.federation.transfer_dtype,
-                        reply_prefixes(cfg.federation.strategy),
-                    ),
-                    "metrics": MetricRecord(metrics),
-                    "site": ConfigRecord({"name": site.name}),
-                }
-            )
+            content = _train_reply(cfg, msg, arrays, global_arrays, metrics)
+            content["site"] = ConfigRecord({"name": site.name})
             if received is not None:
                 content[EVAL_RECORD] = ConfigRecord(
                     {k: float(v) for k, v in received.items()}
                 )
     return _with_profile(content, prof, msg)
+
+
+def _train_reply(
+    cfg: ExperimentConfig,
+    msg: Message,
+    arrays: dict,
+    global_arrays: ArrayRecord,
+    metrics: dict,
+) -> RecordDict:
+    """The model part of a train reply: ours, or `fitres.*` under SecAgg+."""
+    if secagg.is_secure(msg):  # secaggplus_mod masks fitres.parameters
+        return secagg.fitres_content(
+            arrays,
+            global_arrays,
+            int(metrics["num-examples"]),
+            metrics,
+            cfg.privacy.secagg_clipping_range,
+        )
+    packed = pack(
+        arrays, cfg.federation.transfer_dtype, reply_prefixes(cfg.federation.strategy)
+    )
+    return RecordDict({"arrays": packed, "metrics": MetricRecord(metrics)})
 
 
 @app.evaluate()

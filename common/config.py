@@ -291,6 +291,19 @@ class PrivacyConfig:
     # Opacus' accountant: rdp (Renyi DP, an upper bound) | prv (privacy loss
     # random variables, tighter, numerical with a small stated error)
     dp_sgd_accountant: str = knob("rdp", choices=("rdp", "prv"))
+    # Flower's SecAgg+ (server/secagg.py, client/secagg.py): the server sees
+    # only the masked sum of the sites' updates, never one site's. Each site
+    # sends its update (local - global weights), every coordinate clipped to
+    # +-secagg_clipping_range, weighted by its training images and quantised
+    # to secagg_quantization levels; Flower's workflow unmasks the weighted
+    # mean. secagg_shares: each site's secret is split among this fraction of
+    # the round's sites; secagg_threshold: the fraction of those shares that
+    # must come back to rebuild a dropped site's masks.
+    secure_aggregation: bool = False
+    secagg_shares: float = knob(1.0, bounds="(0, 1]")
+    secagg_threshold: float = knob(0.5, bounds="(0, 1]")
+    secagg_clipping_range: float = knob(8.0, bounds="(0, inf]")
+    secagg_quantization: int = knob(1 << 22, bounds="[2, 1073741824]")
 
 
 @dataclass
@@ -482,6 +495,8 @@ def validate(cfg: ExperimentConfig) -> None:
         )
     if cfg.privacy.dp_sgd:
         _check_dp_sgd(cfg)
+    if cfg.privacy.secure_aggregation:
+        _check_secure_aggregation(cfg)
     names = [c.strip() for c in cfg.data.classes.split(",")] if cfg.data.classes else []
     if names and (not all(names) or len(set(names)) != len(names)):
         raise ConfigError(
@@ -521,6 +536,33 @@ def _check_scaffold(cfg: ExperimentConfig) -> None:
         )
     if why:
         raise ConfigError(f"federation.strategy=scaffold does not compose with {why}")
+
+
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+
+
+def _check_secure_aggregation(cfg: ExperimentConfig) -> None:
+    """Refuse what needs one site's update, which secure aggregation hides."""
+    strategy, why = cfg.federation.strategy, ""
+    if strategy not in SECAGG_STRATEGIES:
+        why = (
+            f"federation.strategy={strategy}: it needs each site's update (or "
+            "model); use one of " + ", ".join(SECAGG_STRATEGIES)
+        )
+    elif cfg.privacy.dp:
+        why = (
+            "privacy.dp=true: Flower's site-level DP wrapper checks each site's "
+            "clipped update; use per-patient privacy.dp_sgd, which composes"
+        )
+    elif cfg.teacher.head == "federated" and cfg.distill.alpha < 1.0:
+        why = (
+            "teacher.head=federated: a site's first head arrives without a global "
+            "one to take the update from; use teacher.head=closed_form or local"
+        )
+    if why:
+        raise ConfigError(
+            f"privacy.secure_aggregation=true does not compose with {why}"
+        )
 
 
 def _check_dp_sgd(cfg: ExperimentConfig) -> None:

@@ -430,7 +430,7 @@ def train_local(
     )
     privacy: dict[str, float] = {}
     if dp_sgd is None:
-        _train_plain(loop, loop.params)
+        _train_plain(loop)
     else:
         privacy = _run_private(loop, dp_sgd, ledger if ledger is not None else Ledger())
     if loop.steps == 0:
@@ -491,9 +491,9 @@ class _Loop:
         return loss
 
 
-def _train_plain(loop: _Loop, params: list[nn.Parameter]) -> None:
+def _train_plain(loop: _Loop) -> None:
     """The round's SGD steps on shuffled batches."""
-    cfg = loop.train_cfg
+    cfg, params = loop.train_cfg, loop.params
     for idx in _batches(loop.pool, cfg, loop.gen, loop.epochs):
         loss = loop.loss(idx)
         if loop.global_params is not None:

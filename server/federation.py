@@ -310,7 +310,8 @@ def _start(
         log.warning(model_card.RANDOM_BANNER)
     strategy = build_strategy(cfg, len(infos))
     needed = sites_needed(cfg, len(infos))
-    ctx = RoundContext(cfg, grid, strategy, names, needed, SeededSampling())
+    ctx = RoundContext(cfg, grid, strategy, names, needed, SeededSampling(),
+                       max(i.num_train for i in infos))
     return _Run(cfg, run_dir, infos, teacher, ctx)
 
 

@@ -171,8 +171,15 @@ def _shared(
         "class_counts": "class-counts" in keys,
         "per_round": "student update (and head/projection when federated), "
         "train/eval scalar metrics",
-        "secure_aggregation": False,
+        "secure_aggregation": cfg.privacy.secure_aggregation,
     }
+    if cfg.privacy.secure_aggregation:
+        out["per_round"] = (
+            "the student update masked by Flower's SecAgg+ (the server unmasks "
+            "only the example-weighted mean of the sites' updates, never one "
+            "site's), each site's training-image count and train/eval scalar "
+            "metrics in the clear"
+        )
     if cfg.teacher.head == "closed_form":
         out["teacher_head_statistics"] = (
             "once, in the handshake: per-class counts, per-class sums and Gram "

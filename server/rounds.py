@@ -85,6 +85,7 @@ class RoundContext:
     names: Mapping[int, str]  # site name by node id, from the handshake
     needed: int  # sites that must be connected (and reply) for a round to count
     sampling: SeededSampling
+    max_images: int = 0  # the largest site's training images (SecAgg+'s weights)
 
 
 @dataclass
@@ -146,10 +147,30 @@ def _train_attempt(
         sent = list(
             ctx.strategy.configure_train(rnd, arrays, conf, _Snapshot(ctx.grid, nodes))
         )
+    if ctx.cfg.privacy.secure_aggregation:
+        return _secure_attempt(ctx, rnd, arrays, sent)
     replies = replies_to(ctx, sent)
     accepted, report = screen(replies, arrays, ctx.cfg, ctx.names, sent=sent)
     new_arrays, metrics = ctx.strategy.aggregate_train(rnd, accepted)
     return Trained(new_arrays, metrics, report, replies, accepted)
+
+
+def _secure_attempt(
+    ctx: RoundContext, rnd: int, arrays: ArrayRecord, sent: list[Message]
+) -> Trained:
+    """The attempt through Flower's SecAgg+: the strategy sees only the mean."""
+    from server.secagg import secure_train  # Flower's legacy stack, on demand
+
+    if len(sent) < 2:
+        return Trained(None, None, RoundReport(
+            sampled=len(sent), failed=["server: SecAgg+ needs 2 or more sites"]))
+    mean, replies, report = secure_train(
+        ctx.grid, ctx.cfg, rnd, arrays, sent, ctx.names, ctx.max_images
+    )
+    if mean is None:
+        return Trained(None, None, report, replies, [])
+    new_arrays, metrics = ctx.strategy.aggregate_train(rnd, [mean])
+    return Trained(new_arrays, metrics, report, replies, replies)
 
 
 def train_round(

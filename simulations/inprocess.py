@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -32,6 +32,18 @@ from flwr.supercore.task_identity import TaskIdentity
 from server.exchange import exchange
 
 log = logging.getLogger(__name__)
+
+
+def _own_copy(content: RecordDict) -> RecordDict:
+    """`content` with copies of its records (the arrays' buffers are shared:
+    nothing changes them in place, and copying them would cost every round)."""
+    out = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = ArrayRecord({k: record[k] for k in record.keys()})
+        else:
+            out[name] = type(record)(dict(record))
+    return out
 
 
 class InProcessGrid(Grid):
@@ -91,6 +103,10 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
+        # On a link every site gets its own copy of what was sent; a server may
+        # send one content object to many sites (Flower's SecAgg+ workflow
+        # does), and a site may change what it received (its mod pops keys)
+        msg.content = _own_copy(msg.content)
         TaskIdentity.run_id = self._run.run_id
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = node

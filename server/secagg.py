@@ -1,0 +1,226 @@
+"""Secure aggregation of a training round through Flower's SecAgg+ (unchanged).
+
+With `privacy.secure_aggregation` the round's train messages go through
+Flower's `SecAggPlusWorkflow` instead of `server.rounds.replies_to`. The
+workflow belongs to Flower's legacy stack, so it is driven through Flower's
+own compatibility layer (docs/security.md, "Secure aggregation"):
+
+- a `LegacyContext` whose strategy is a shim: its `configure_fit` hands the
+  workflow the messages our strategy sampled, as `FitIns` (the arrays in
+  order, their names in the config as `array-keys`), and its
+  `aggregate_fit` keeps the single unmasked result;
+- a Grid wrapper that sends each stage's messages through
+  `server.exchange` (our short poll, not Flower's 3 s) and keeps the masked
+  stage's replies: their scalar metrics, eval record and profile are not
+  masked and go into the history as usual, with empty arrays.
+
+The sites send their update (client/secagg.py), weighted by their training
+images, so the unmasked vector is FedAvg's example-weighted mean update. It
+is added to the global model the round sent and handed to our strategy as one
+reply carrying the total image count, so FedAvgM, FedAdam and FedYogi take
+their server step from it as from any aggregate. What the server never sees:
+one site's update. What it still sees: each site's scalar training metrics
+and image count, which sites replied, and the mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+)
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
+    SecAggPlusWorkflow,
+)
+
+from client.secagg import ARRAY_KEYS
+from common.serialization import record_bytes
+from server.exchange import exchange
+from server.screening import RoundReport, site_name
+
+log = logging.getLogger(__name__)
+
+FITRES_METRICS = "fitres.metrics"
+FITRES_COUNT = "fitres.num_examples"
+
+
+class _Shim(Strategy):
+    """The legacy strategy the workflow asks: our sampled messages in, the mean out."""
+
+    def __init__(self, pairs: list[tuple[GridClientProxy, FitIns]]) -> None:
+        self.pairs = pairs
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.pairs
+
+    def aggregate_fit(self, server_round, results, failures):
+        if not results:
+            return None, {}
+        # the workflow wrote the unmasked weighted mean into every FitRes
+        self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return results[0][1].parameters, {}
+
+    def initialize_parameters(self, client_manager):  # pragma: no cover - unused
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []  # pragma: no cover - unused
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}  # pragma: no cover - unused
+
+    def evaluate(self, server_round, parameters):
+        return None  # pragma: no cover - unused
+
+
+class _RecordingGrid:
+    """The round's Grid, exchanging through server.exchange; keeps every reply."""
+
+    def __init__(self, grid, timeout: float, poll_interval: float) -> None:
+        self._grid, self._timeout, self._poll = grid, timeout, poll_interval
+        self.stages: list[list[Message]] = []
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = exchange(
+            self._grid, list(messages), timeout=timeout or self._timeout,
+            poll_interval=self._poll,
+        )
+        self.stages.append(replies)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def _fitins(msg: Message) -> FitIns:
+    """Our train message as the legacy FitIns the workflow sends on."""
+    arrays, conf = msg.content["arrays"], msg.content["config"]
+    keys = list(arrays.keys())
+    nd = [arrays[k].numpy() for k in keys]
+    config = {**dict(conf), ARRAY_KEYS: "\n".join(keys)}
+    return FitIns(parameters=ndarrays_to_parameters(nd), config=config)
+
+
+def _masked_replies(stages: list[list[Message]]) -> list[Message]:
+    """The masked stage's good replies, as our replies without model arrays."""
+    out = []
+    for replies in stages:
+        for msg in replies:
+            if msg.has_error() or FITRES_METRICS not in msg.content.config_records:
+                continue
+            count = float(msg.content[FITRES_COUNT]["num_examples"])
+            metrics = {k: float(v) for k, v in msg.content[FITRES_METRICS].items()
+                       if isinstance(v, (int, float))}
+            msg.content["metrics"] = MetricRecord({**metrics, "num-examples": count})
+            msg.content["arrays"] = ArrayRecord()
+            out.append(msg)
+    return out
+
+
+def _masked_bytes(stages: list[list[Message]]) -> int:
+    """Bytes of the masked vectors the sites sent (what the server held)."""
+    total = 0
+    for replies in stages:
+        for msg in replies:
+            if msg.has_error():
+                continue
+            rec = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            if rec is not None and Key.MASKED_PARAMETERS in rec:
+                total += sum(len(b) for b in rec[Key.MASKED_PARAMETERS])
+    return total
+
+
+def _weighted_means(replies: list[Message]) -> dict[str, float]:
+    """The sites' scalar metrics, example-weighted (as FedAvg reports them)."""
+    total = sum(float(m.content["metrics"]["num-examples"]) for m in replies)
+    keys = set.intersection(*(set(m.content["metrics"].keys()) for m in replies))
+    return {
+        k: sum(float(m.content["metrics"][k]) * float(m.content["metrics"]
+               ["num-examples"]) for m in replies) / total
+        for k in keys if k != "num-examples"
+    } | {"num-examples": total}
+
+
+def secure_train(
+    grid, cfg, rnd: int, arrays: ArrayRecord, sent: list[Message],
+    names: Mapping[int, str], max_images: int,
+) -> tuple[Message | None, list[Message], RoundReport]:
+    """Run SecAgg+ over `sent`: (one reply holding the mean, site replies, report).
+
+    `max_images` is the largest site's training images (from the handshake):
+    each site's weight in the workflow is its images over it, at most 1.
+    """
+    p, fed = cfg.privacy, cfg.federation
+    pairs = [
+        (GridClientProxy(m.metadata.dst_node_id, grid, m.metadata.run_id), _fitins(m))
+        for m in sent
+    ]
+    shim = _Shim(pairs)
+    legacy = LegacyContext(
+        Context(run_id=sent[0].metadata.run_id, node_id=0, node_config={},
+                state=RecordDict(), run_config={}),
+        strategy=shim,
+    )
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: rnd}
+    )
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    recording = _RecordingGrid(grid, fed.round_timeout, fed.poll_interval)
+    SecAggPlusWorkflow(
+        num_shares=float(p.secagg_shares),
+        reconstruction_threshold=float(p.secagg_threshold),
+        max_weight=float(max(max_images, 1)),
+        clipping_range=p.secagg_clipping_range,
+        quantization_range=int(p.secagg_quantization),
+        timeout=fed.round_timeout,
+    )(recording, legacy)
+    replies = _masked_replies(recording.stages)
+    report = RoundReport(sampled=len(sent), received=len(replies))
+    report.bytes_down = sum(record_bytes(m.content["arrays"]) for m in sent)
+    report.bytes_up = _masked_bytes(recording.stages)
+    got = {m.metadata.src_node_id for m in replies}
+    report.failed += [
+        f"{names.get(m.metadata.dst_node_id, m.metadata.dst_node_id)}: no masked "
+        "update (dropped out of the SecAgg+ round)"
+        for m in sent if m.metadata.dst_node_id not in got
+    ]
+    if shim.mean is None or not replies:
+        report.failed.append("server: SecAgg+ could not unmask this round")
+        return None, replies, report
+    report.accepted = len(replies)
+    for msg in replies:
+        report.sites.setdefault(site_name(msg, names), {}).update(
+            {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
+        )
+    keys = list(arrays.keys())
+    mean = {
+        k: Array((arrays[k].numpy().astype(np.float32) + d).astype(np.float32))
+        for k, d in zip(keys, shim.mean, strict=True)
+    }
+    content = RecordDict({
+        "arrays": ArrayRecord(mean),
+        "metrics": MetricRecord(_weighted_means(replies)),
+    })
+    return Message(content=content, reply_to=sent[0]), replies, report
