@@ -8,13 +8,16 @@ from benchmarks import (
     mia,
     overhead,
     scale,
+    secagg,
     teacher_cache,
     threads,
     why_distil,
 )
 from benchmarks._util import parser
 
-BENCHMARKS = (why_distil, teacher_cache, comm, overhead, scale, threads, mia, deploy)
+BENCHMARKS = (
+    why_distil, teacher_cache, comm, overhead, scale, threads, mia, deploy, secagg
+)
 
 
 def main() -> None:

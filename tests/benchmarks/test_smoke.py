@@ -55,7 +55,7 @@ def test_benchmarks_run_on_tiny_settings(pneumonia_npz, tmp_path):
 def test_run_all_covers_every_benchmark():
     names = {m.__name__.rsplit(".", 1)[-1] for m in run_all.BENCHMARKS}
     assert names == {"why_distil", "teacher_cache", "comm", "overhead", "scale",
-                     "threads", "mia", "deploy"}
+                     "threads", "mia", "deploy", "secagg"}
 
 
 @pytest.mark.slow
