@@ -150,6 +150,11 @@ class DistillConfig:
     temperature: float = knob(4.0, bounds="(0, inf]")
     # weight of the KD term on unlabelled images (no CE there)
     unlabelled_weight: float = knob(1.0, bounds="[0, inf]")
+    # which labelled images get the KD term: all | agree (only those whose
+    # teacher top class is the label: where the teacher contradicts the label,
+    # on a site's shifted images, its soft target teaches the wrong class);
+    # distill.alpha=1 gives KD on unlabelled images only
+    kd_where: str = knob("all", choices=("all", "agree"))
     # weight of the feature-distillation term (0 = off)
     feature_weight: float = knob(0.0, bounds="[0, inf]")
     feature_loss: str = knob("cosine", choices=("cosine", "mse"))

@@ -296,6 +296,7 @@ def _step_loss(
         if r.use_teacher
         else 0.0,
         ce_offset=r.offset,
+        kd_where=distill_cfg.kd_where,
     )
     loss, f_loss = losses["loss"], None
     if r.use_feats:

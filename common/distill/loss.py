@@ -40,12 +40,19 @@ def kd_loss(
     labelled: Tensor | None = None,
     unlabelled_weight: float = 1.0,
     ce_offset: Tensor | None = None,
+    kd_where: str = "all",
 ) -> dict[str, Tensor]:
     """Hard-label CE on labelled items plus T^2-scaled KL to the teacher.
 
     `ce_offset` (K,) is added to the student's logits in the CE term only
     (logit adjustment by a label prior); the KD term sees the raw logits.
+    `kd_where="agree"` keeps the (1 - alpha) KD term of a labelled item only
+    where the teacher's top class is its label (soft targets that contradict
+    the label are dropped; unlabelled items keep theirs, having no label to
+    check against); `"all"` keeps every item's.
     """
+    if kd_where not in ("all", "agree"):
+        raise ValueError(f"kd_where={kd_where!r}; use all or agree")
     n = student_logits.shape[0]
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; must be in [0, 1]")
@@ -77,7 +84,11 @@ def kd_loss(
     kd = t2 * kl_items.sum() / max(n, 1)
     loss = alpha * ce if alpha < 1.0 else ce  # alpha=1: exactly CE on labelled items
     if alpha < 1.0:
-        loss = loss + (1.0 - alpha) * t2 * (kl_items * mask).sum() / max(n, 1)
+        kd_mask = mask
+        if kd_where == "agree":
+            agrees = teacher_logits.argmax(dim=1).to(mask.device) == safe_labels
+            kd_mask = mask & agrees
+        loss = loss + (1.0 - alpha) * t2 * (kl_items * kd_mask).sum() / max(n, 1)
     if not all_labelled and unlabelled_weight > 0:
         loss = loss + unlabelled_weight * t2 * (kl_items * ~mask).sum() / max(n, 1)
     return {"loss": loss, "ce": ce, "kd": kd}

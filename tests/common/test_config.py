@@ -136,6 +136,7 @@ def test_choices_are_read_from_the_field_declarations():
         "partition.shift",
         "teacher.head",
         "distill.feature_loss",
+        "distill.kd_where",
         "federation.strategy",
         "federation.transfer_dtype",
         "train.optimizer",

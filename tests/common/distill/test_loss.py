@@ -116,3 +116,28 @@ def test_feature_loss_values():
     assert mse == pytest.approx((1 + 1 + 1 + 1) / 4, abs=1e-6)
     with pytest.raises(ValueError, match="feature shapes differ"):
         feature_loss(s, torch.zeros(2, 3))
+
+
+def test_kd_where_agree_drops_soft_targets_that_contradict_the_label():
+    # item 0: teacher says class 1, label 0 (disagree: KD dropped);
+    # item 1: teacher says class 0, label 0 (agree: KD kept);
+    # item 2: unlabelled, teacher says class 1 (kept: no label to check)
+    s = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 0.0]])
+    t = torch.tensor([[0.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 0])
+    labelled = torch.tensor([True, True, False])
+    temp, alpha = 1.0, 0.5
+    ce0 = -math.log(_softmax2(1.0, 0.0)[0])
+    ce1 = -math.log(_softmax2(0.5, 0.0)[0])
+    kl1 = _kl2(_softmax2(3.0, 0.0), _softmax2(0.5, 0.0))
+    kl2 = _kl2(_softmax2(0.0, 1.0), _softmax2(0.0, 0.0))
+
+    out = kd_loss(s, t, y, alpha=alpha, temperature=temp, labelled=labelled,
+                  kd_where="agree")
+
+    expected = (alpha * (ce0 + ce1) + (1 - alpha) * kl1 + kl2) / 3
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    every = kd_loss(s, t, y, alpha=alpha, temperature=temp, labelled=labelled)
+    assert every["loss"].item() > out["loss"].item()
+    with pytest.raises(ValueError, match="kd_where"):
+        kd_loss(s, t, y, alpha=alpha, temperature=temp, kd_where="some")
