@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import numpy as np  # noqa: E402
 
 from server import history  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 # Final-round and last-k-round means; `global_*` on the global test split (no
 # site holds it), `site_*` over the sites' own test parts, never mixed.
 GLOBAL = ("acc", "bacc", "auc")
@@ -24,6 +27,7 @@ SCALARS = (
     "val_acc", "val_acc_lastk", "site_acc", "site_auc", "site_acc_lastk",
     "worst_site_acc", "teacher_global_acc", "teacher_global_auc", "teacher_site_acc",
     "teacher_site_auc", "kd_weight", "seconds", "val_auc_slope", "sample_grads",
+    "pooled_probe_acc", "pooled_probe_auc",
 )
 KD_VARIANTS = ("fedkd-federated", "fedkd-local", "fedkd")
 PRIMARY = "global_acc_lastk"
@@ -103,7 +107,40 @@ def run_record(desc: dict[str, Any], k: int = 5) -> dict[str, Any] | None:
     rec["teacher"] = card.get("teacher", {})
     rec["data"] = {**card.get("data", {}), "classes": card["model"]["classes"]}
     rec["rounds"] = card["method"]["rounds"]
+    probed = rec["teacher_global_acc"] is not None
+    ceiling = pooled_probe(run_dir) if probed else {}
+    rec["pooled_probe_acc"] = ceiling.get("test_acc")
+    rec["pooled_probe_auc"] = ceiling.get("test_auc")
     return rec
+
+
+def pooled_probe(run_dir: Path) -> dict[str, float]:
+    """The teacher's ceiling for a KD run: the pooled ridge probe (simulations.probe).
+
+    The closed-form ridge head fitted on the union of the sites' training
+    features, scored on the global test split; computed once from the run's
+    config (the teacher's features come from its feature cache) and kept in
+    `<run>/pooled_probe.json`. {} when it cannot be computed (the reason is
+    logged): the column then shows a dash.
+    """
+    cached = run_dir / "pooled_probe.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from common.config import load_config
+    from common.errors import FedKDError
+    from simulations.probe import probe
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        scores = probe(cfg, cfg.teacher.head_lambda)["pooled"]
+    except (FedKDError, OSError, ValueError, KeyError) as err:
+        log.warning("pooled probe of %s not computed: %s", run_dir, err)
+        return {}
+    if "error" in scores:
+        log.warning("pooled probe of %s: %s", run_dir, scores["error"])
+        return {}
+    cached.write_text(json.dumps(scores))
+    return scores
 
 
 def _stat(values: list[float | None]) -> tuple[float, float, int]:
@@ -398,11 +435,14 @@ def _table(agg: dict, sv: Any) -> list[str]:
     lines = ["Global test split (every method scored on the same images):", "",
              "| method | ACC last-k | ACC final | bal. ACC last-k | bal. ACC final "
              "| AUC last-k | AUC final | val ACC last-k | teacher probe ACC / AUC "
+             "(pooled probe ACC: the ceiling) "
              "| val AUC slope, last 10 rounds | sample-grads (k) | seeds | min/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in rows:
         probe = ("–" if v["teacher_global_acc"][2] == 0 else
-                 f"{_fmt(v['teacher_global_acc'])} / {_fmt(v['teacher_global_auc'])}")
+                 f"{_fmt(v['teacher_global_acc'])} / {_fmt(v['teacher_global_auc'])}"
+                 + ("" if v["pooled_probe_acc"][2] == 0 else
+                    f" ({_fmt(v['pooled_probe_acc'])})"))
         lines.append(
             f"| {v['method']} | {_fmt(v['global_acc_lastk'])} | "
             f"{_fmt(v['global_acc'])} | {_fmt(v['global_bacc_lastk'])} | "

@@ -53,6 +53,12 @@ def test_method_matrix_runs_one_round_and_reports(pneumonia_npz, tmp_path):
     # local is scored on the global test too: each site's own model, averaged
     assert results["summary"]["local"]["global_acc"][2] == 1
     assert results["summary"]["fedkd-federated"]["teacher_global_acc"][2] == 1
+    # beside the teacher's probe, its ceiling: the pooled ridge probe of the
+    # same features (computed once, kept in the run folder)
+    ceiling = results["summary"]["fedkd-federated"]["pooled_probe_acc"]
+    assert ceiling[2] == 1 and 0.0 <= ceiling[0] <= 1.0
+    assert list((tmp_path / "work").rglob("pooled_probe.json"))
+    assert "pooled probe ACC: the ceiling" in text
     # A second call finds every run finished and runs nothing.
     assert harness.main(argv) == 0
 
