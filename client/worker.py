@@ -132,13 +132,17 @@ def forward(path: str | Path, message: Any, context: Any) -> Any:
             serde.message_to_proto(message).SerializeToString(),
             serde.context_to_proto(context).SerializeToString(),
         )
-        (head,) = _recv(sock, 1)
-        answer = json.loads(head)
+        try:
+            (head,) = _recv(sock, 1)
+            answer = json.loads(head)
+            if answer.get("ok"):
+                reply_b, context_b = _recv(sock, 2)
+        except (OSError, ValueError) as err:  # it died mid-message: state untouched
+            raise WorkerUnavailable(f"site worker at {path} broke off: {err}") from err
         if answer.get("refused"):
             raise WorkerUnavailable(f"site worker at {path}: {answer['refused']}")
         if not answer.get("ok"):
             raise WorkerFailed(answer.get("error", "the site worker failed"))
-        reply_b, context_b = _recv(sock, 2)
     finally:
         sock.close()
     reply = serde.message_from_proto(ProtoMessage.FromString(reply_b))
@@ -263,8 +267,9 @@ def serve(
                 conn.settimeout(None)
                 try:
                     log.info("site worker: %s", handle(conn, app))
-                except (ConnectionError, ValueError) as err:
-                    log.warning("site worker: dropped a request: %s", err)
+                except Exception as err:  # a bad request must not stop the worker
+                    log.warning("site worker: dropped a request: %s: %s",
+                                type(err).__name__, err)
     finally:
         server.close()
         Path(path).unlink(missing_ok=True)

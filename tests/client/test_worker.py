@@ -151,3 +151,19 @@ def test_the_thin_clientapp_imports_no_torch():
                          text=True, check=True)
 
     assert out.stdout.strip() == "False"
+
+
+def test_a_garbled_request_does_not_stop_the_worker(running, pneumonia_npz, tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(running))
+        header = {"protocol": worker.PROTOCOL, "code": worker.code_fingerprint(),
+                  "task": [1, 1, 1]}
+        worker._send(s, json.dumps(header).encode(), b"\xff not protobuf", b"")
+    cfg = tiny_config(small_npz(pneumonia_npz, tmp_path / "s.npz"), tmp_path)
+    conf = ConfigRecord({"experiment": cfg.to_yaml(), "num-classes": 2})
+    ctx = _context({entry.SOCKET_KEY: str(running)})
+
+    reply = entry.dispatch(_msg(MessageType.QUERY, RecordDict({"config": conf})), ctx)
+
+    assert dict(reply.content["site"])["num-train"] > 0
+    assert "worker" in timing.from_metrics(dict(reply.content["profile"]))
