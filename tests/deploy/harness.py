@@ -54,6 +54,8 @@ class Procs:
     """Processes started by a test; ``stop_all`` kills each process group."""
 
     procs: list[tuple[str, subprocess.Popen, Path]] = field(default_factory=list)
+    # folders to remove once every process is stopped (the workers' sockets)
+    folders: list[Path] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], env: dict[str, str],
               log_dir: Path, cwd: Path | None = None) -> subprocess.Popen:
@@ -88,6 +90,8 @@ class Procs:
     def stop_all(self) -> None:
         for _, proc, _ in reversed(self.procs):
             self.stop(proc)
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def log(self, name: str) -> str:
         for pname, _, path in self.procs:
@@ -285,7 +289,9 @@ class Federation:
 
     def start_worker(self, name: str) -> Path:
         """A warm site worker for SuperNode `name`; its socket once it is up."""
-        sock = Path(tempfile.mkdtemp(prefix="fedkd-", dir="/tmp")) / "w.sock"
+        folder = Path(tempfile.mkdtemp(prefix="fedkd-", dir="/tmp"))
+        self.procs.folders.append(folder)
+        sock = folder / "w.sock"
         proc = self.procs.start(f"worker-{name}",
                                 launch.worker_argv(sock, os.getpid()),
                                 {**self.env}, self.root)
