@@ -115,14 +115,20 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
-def _overrides(quick: bool) -> list[str]:
-    """The preset's settings for this benchmark (both modes use the same)."""
+def _overrides(quick: bool, workload: str = "bench") -> list[str]:
+    """The preset's settings for this benchmark (both modes use the same).
+
+    `workload="preset"`: the deploy preset's own sizes (64 px, ViT-S/14 at
+    112 px, random weights), where a round does more work per message.
+    """
     common = [
         "teacher.weights=random",
         "data.image_size=28",
         "federation.round_timeout=900",
         "run.device=cpu",
     ]
+    if workload == "preset":
+        return [c for c in common if not c.startswith("data.image_size")]
     if quick:
         return [
             *common,
@@ -325,13 +331,13 @@ def _simulated(work: Path, npz: Path, over: list[str], rounds: int) -> dict:
     }
 
 
-def run(quick: bool, out: Path, work: Path) -> dict:
+def run(quick: bool, out: Path, work: Path, workload: str = "bench") -> dict:
     """Measure; merge deploy_message_fixed_s and deploy_round_vs_sim_ratio."""
     if not SHARED_NPZ.is_file():
         raise SystemExit(f"benchmarks.deploy needs {SHARED_NPZ}; it is absent")
     work = Path(work).resolve() / "deploy-bench"
     work.mkdir(parents=True, exist_ok=True)
-    over = _overrides(quick)
+    over = _overrides(quick, workload)
     rounds, messages = (3, 2) if quick else (4, 5)
     npz = SHARED_NPZ
     if quick:  # 240 train / 60 test images: both halves train in seconds
@@ -368,14 +374,15 @@ def run(quick: bool, out: Path, work: Path) -> dict:
         "fixed cost = median round trip of an evaluate-only message to both sites "
         "on a warm cache; ratio = median steady round, deployed / in-process",
     }
+    suffix = "" if workload == "bench" else "_preset64"
     keys = {
-        "deploy_message_fixed_s": fixed,
-        "deploy_round_vs_sim_ratio": ratio,
-        "deploy_message_fixed_s_cold": fixed_cold,
-        "deploy_round_vs_sim_ratio_cold": ratio_cold,
+        f"deploy_message_fixed_s{suffix}": fixed,
+        f"deploy_round_vs_sim_ratio{suffix}": ratio,
+        f"deploy_message_fixed_s_cold{suffix}": fixed_cold,
+        f"deploy_round_vs_sim_ratio_cold{suffix}": ratio_cold,
     }
     if not quick:
-        merge(out, "deploy", keys, detail)
+        merge(out, f"deploy{suffix}", keys, detail)
     print(
         table(
             [
@@ -433,14 +440,18 @@ def profile_table(profile: dict) -> str:
 
 def main() -> None:
     """Command-line entry: run, print, record (not with --quick)."""
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--workload", choices=("bench", "preset"), default="bench",
+                   help="bench: 28 px, ViT-S at 56 px (the headline keys); preset: "
+                   "the deploy preset's 64 px and ViT-S at 112 px (keys *_preset64)")
+    args = p.parse_args()
     # SIGTERM (e.g. `timeout`) must still stop the SuperLink and SuperNodes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = None
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="fedkd-deploy-bench-"))
     try:
-        run(args.quick, args.out, tmp or args.work)
+        run(args.quick, args.out, tmp or args.work, args.workload)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
