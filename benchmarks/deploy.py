@@ -331,6 +331,58 @@ def _simulated(work: Path, npz: Path, over: list[str], rounds: int) -> dict:
     }
 
 
+def _steady(xs: list[float]) -> float:
+    """The median round after the first (which fills caches), or the only one."""
+    return statistics.median(xs[1:] if len(xs) > 1 else xs)
+
+
+def _fixed(dep: dict) -> float:
+    """A deployment's fixed cost: the median evaluate-only round trip."""
+    return round(statistics.median(dep["evaluate_s"]), 2)
+
+
+def _ratio(dep: dict, sim: dict) -> float:
+    """Steady deployed round over steady simulated round."""
+    return round(_steady(dep["round_s"]) / _steady(sim["round_s"]), 2)
+
+
+def _print_figures(dep: dict, cold: dict, sim: dict, profile: dict,
+                   profile_cold: dict) -> None:
+    """The headline figures of both deployments and their phase tables."""
+    print(
+        table(
+            [
+                (
+                    "deploy_message_fixed_s",
+                    f"{_fixed(dep)} (load {dep['load_messages']})",
+                ),
+                (
+                    "deployed steady round s",
+                    f"{_steady(dep['round_s']):.1f} (load {dep['load_rounds']})",
+                ),
+                (
+                    "deploy_message_fixed_s_cold",
+                    f"{_fixed(cold)} (load {cold['load_messages']})",
+                ),
+                (
+                    "deployed steady round s, cold",
+                    f"{_steady(cold['round_s']):.1f} (load {cold['load_rounds']})",
+                ),
+                (
+                    "simulated steady round s",
+                    f"{_steady(sim['round_s']):.1f} (load {sim['load_rounds']})",
+                ),
+                ("deploy_round_vs_sim_ratio", _ratio(dep, sim)),
+                ("deploy_round_vs_sim_ratio_cold", _ratio(cold, sim)),
+            ]
+        )
+    )
+    print("warm site worker:")
+    print(profile_table(profile))
+    print("fresh process per message (cold):")
+    print(profile_table(profile_cold))
+
+
 def run(quick: bool, out: Path, work: Path, workload: str = "bench") -> dict:
     """Measure; merge deploy_message_fixed_s and deploy_round_vs_sim_ratio."""
     if not SHARED_NPZ.is_file():
@@ -349,11 +401,8 @@ def run(quick: bool, out: Path, work: Path, workload: str = "bench") -> dict:
     dep = _deployed(work, npz, over, rounds, messages, worker=True)
     _say("in-process simulation of the same preset ...")
     sim = _simulated(work, npz, over, rounds)
-    steady = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs)  # noqa: E731
-    fixed = round(statistics.median(dep["evaluate_s"]), 2)
-    ratio = round(steady(dep["round_s"]) / steady(sim["round_s"]), 2)
-    fixed_cold = round(statistics.median(cold["evaluate_s"]), 2)
-    ratio_cold = round(steady(cold["round_s"]) / steady(sim["round_s"]), 2)
+    fixed, ratio = _fixed(dep), _ratio(dep, sim)
+    fixed_cold, ratio_cold = _fixed(cold), _ratio(cold, sim)
     profile = {**profiles(dep), "fab": dep["fab"]}
     profile_cold = {**profiles(cold), "fab": cold["fab"]}
     detail = {
@@ -383,35 +432,7 @@ def run(quick: bool, out: Path, work: Path, workload: str = "bench") -> dict:
     }
     if not quick:
         merge(out, f"deploy{suffix}", keys, detail)
-    print(
-        table(
-            [
-                ("deploy_message_fixed_s", f"{fixed} (load {dep['load_messages']})"),
-                (
-                    "deployed steady round s",
-                    f"{steady(dep['round_s']):.1f} (load {dep['load_rounds']})",
-                ),
-                (
-                    "deploy_message_fixed_s_cold",
-                    f"{fixed_cold} (load {cold['load_messages']})",
-                ),
-                (
-                    "deployed steady round s, cold",
-                    f"{steady(cold['round_s']):.1f} (load {cold['load_rounds']})",
-                ),
-                (
-                    "simulated steady round s",
-                    f"{steady(sim['round_s']):.1f} (load {sim['load_rounds']})",
-                ),
-                ("deploy_round_vs_sim_ratio", ratio),
-                ("deploy_round_vs_sim_ratio_cold", ratio_cold),
-            ]
-        )
-    )
-    print("warm site worker:")
-    print(profile_table(profile))
-    print("fresh process per message (cold):")
-    print(profile_table(profile_cold))
+    _print_figures(dep, cold, sim, profile, profile_cold)
     return {**keys, "detail": detail}
 
 

@@ -75,7 +75,7 @@ def _unpack(
     msg: Message, node_config: Mapping[str, Any]
 ) -> tuple[ExperimentConfig, ConfigRecord]:
     if secagg.is_secure(msg):  # Flower's SecAgg+ workflow: the legacy layout
-        conf = secagg.train_inputs(msg)[1]
+        conf = secagg.train_config(msg)
     elif "config" not in msg.content.config_records:
         raise MessageError("message has no ConfigRecord 'config'; is the server ours?")
     else:
@@ -90,7 +90,7 @@ def _unpack(
 
 def _arrays(msg: Message) -> ArrayRecord:
     if secagg.is_secure(msg):
-        return secagg.train_inputs(msg)[0]
+        return secagg.train_arrays(msg)
     if "arrays" not in msg.content.array_records:
         raise MessageError("message has no ArrayRecord 'arrays' with the global model")
     return msg.content["arrays"]

@@ -10,8 +10,8 @@ unmasking. This module only translates between that layout and ours:
 - `secagg_mod`: `secaggplus_mod` for the protocol's messages, a pass-through
   for every other train message (Flower's mod fails on a train message that
   is not a SecAgg+ stage);
-- `train_inputs`: the named global arrays and our config from `fitins.*`
-  (the names travel in the config as `array-keys`);
+- `train_config`, `train_arrays`: our config and the named global arrays
+  from `fitins.*` (the names travel in the config as `array-keys`);
 - `fitres_content`: the reply as `fitres.*`: the site's **update** (local -
   received weights, float32, in the received order), every coordinate clipped
   to +-`privacy.secagg_clipping_range` (the mod quantises within that range),
@@ -50,15 +50,25 @@ def is_secure(msg: Message) -> bool:
     return FITINS_ARRAYS in msg.content.array_records
 
 
-def train_inputs(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
-    """(the named global arrays, our config record) of a SecAgg+ train message."""
+def _fitins_config(msg: Message) -> ConfigRecord:
     conf = msg.content.config_records.get(FITINS_CONFIG)
     if conf is None or ARRAY_KEYS not in conf:
         raise MessageError(
             f"SecAgg+ train message lacks {FITINS_CONFIG}[{ARRAY_KEYS!r}]; "
             "is the server ours?"
         )
-    names = str(conf[ARRAY_KEYS]).split("\n")
+    return conf
+
+
+def train_config(msg: Message) -> ConfigRecord:
+    """Our config record of a SecAgg+ train message (the arrays' names left out)."""
+    conf = _fitins_config(msg)
+    return ConfigRecord({k: v for k, v in conf.items() if k != ARRAY_KEYS})
+
+
+def train_arrays(msg: Message) -> ArrayRecord:
+    """The named global arrays of a SecAgg+ train message (decoded here)."""
+    names = str(_fitins_config(msg)[ARRAY_KEYS]).split("\n")
     record = msg.content[FITINS_ARRAYS]
     data = [record[k].data for k in record.keys()]
     if len(data) != len(names):
@@ -66,9 +76,7 @@ def train_inputs(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
             f"SecAgg+ train message has {len(data)} arrays for {len(names)} names"
         )
     pairs = zip(names, data, strict=True)
-    arrays = ArrayRecord({n: Array(bytes_to_ndarray(b)) for n, b in pairs})
-    rest = {k: v for k, v in conf.items() if k != ARRAY_KEYS}
-    return arrays, ConfigRecord(rest)
+    return ArrayRecord({n: Array(bytes_to_ndarray(b)) for n, b in pairs})
 
 
 def fitres_content(

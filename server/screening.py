@@ -222,13 +222,20 @@ def screen(
     report.rejected += outliers
     report.accepted = len(good)
     for msg in good:
-        report.sites.setdefault(site_name(msg, names), {}).update(
-            {
-                f"train/{k}": float(v)
-                for k, v in [*msg.content["metrics"].items(), *_profile(msg)]
-            }
-        )
+        record_site_metrics(report, msg, names)
     return good, report
+
+
+def record_site_metrics(
+    report: RoundReport, msg: Message, names: Mapping[int, str]
+) -> None:
+    """A train reply's scalar metrics and seconds per phase, as `train/<key>`."""
+    report.sites.setdefault(site_name(msg, names), {}).update(
+        {
+            f"train/{k}": float(v)
+            for k, v in [*msg.content["metrics"].items(), *_profile(msg)]
+        }
+    )
 
 
 def _profile(msg: Message) -> list[tuple[str, float]]:

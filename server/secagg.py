@@ -51,11 +51,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
     SecAggPlusWorkflow,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from client.secagg import ARRAY_KEYS
 from common.serialization import record_bytes
 from server.exchange import exchange
-from server.screening import RoundReport, site_name
+from server.screening import RoundReport, record_site_metrics
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +153,25 @@ def _masked_bytes(stages: list[list[Message]]) -> int:
     return total
 
 
-def _weighted_means(replies: list[Message]) -> dict[str, float]:
-    """The sites' scalar metrics, example-weighted (as FedAvg reports them)."""
-    total = sum(float(m.content["metrics"]["num-examples"]) for m in replies)
-    keys = set.intersection(*(set(m.content["metrics"].keys()) for m in replies))
-    return {
-        k: sum(float(m.content["metrics"][k]) * float(m.content["metrics"]
-               ["num-examples"]) for m in replies) / total
-        for k in keys if k != "num-examples"
-    } | {"num-examples": total}
+def _mean_reply(
+    arrays: ArrayRecord, mean: list[np.ndarray], replies: list[Message],
+    sent: list[Message],
+) -> Message:
+    """One reply holding global + the unmasked mean update, with the sites' total
+    image count and their example-weighted metrics (Flower's aggregation)."""
+    model = {
+        k: Array((arrays[k].numpy().astype(np.float32) + d).astype(np.float32))
+        for k, d in zip(arrays.keys(), mean, strict=True)
+    }
+    metrics = aggregate_metricrecords(
+        [RecordDict({"metrics": m.content["metrics"]}) for m in replies],
+        "num-examples",
+    )
+    metrics["num-examples"] = sum(
+        float(m.content["metrics"]["num-examples"]) for m in replies
+    )
+    content = RecordDict({"arrays": ArrayRecord(model), "metrics": metrics})
+    return Message(content=content, reply_to=sent[0])
 
 
 def secure_train(
@@ -173,11 +184,10 @@ def secure_train(
     each site's weight in the workflow is its images over it, at most 1.
     """
     p, fed = cfg.privacy, cfg.federation
-    pairs = [
+    shim = _Shim([
         (GridClientProxy(m.metadata.dst_node_id, grid, m.metadata.run_id), _fitins(m))
         for m in sent
-    ]
-    shim = _Shim(pairs)
+    ])
     legacy = LegacyContext(
         Context(run_id=sent[0].metadata.run_id, node_id=0, node_config={},
                 state=RecordDict(), run_config={}),
@@ -211,16 +221,5 @@ def secure_train(
         return None, replies, report
     report.accepted = len(replies)
     for msg in replies:
-        report.sites.setdefault(site_name(msg, names), {}).update(
-            {f"train/{k}": float(v) for k, v in msg.content["metrics"].items()}
-        )
-    keys = list(arrays.keys())
-    mean = {
-        k: Array((arrays[k].numpy().astype(np.float32) + d).astype(np.float32))
-        for k, d in zip(keys, shim.mean, strict=True)
-    }
-    content = RecordDict({
-        "arrays": ArrayRecord(mean),
-        "metrics": MetricRecord(_weighted_means(replies)),
-    })
-    return Message(content=content, reply_to=sent[0]), replies, report
+        record_site_metrics(report, msg, names)
+    return _mean_reply(arrays, shim.mean, replies, sent), replies, report

@@ -30,6 +30,21 @@ def _kl_per_item(
     return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
 
 
+def _check_kd_where(kd_where: str) -> None:
+    if kd_where not in ("all", "agree"):
+        raise ValueError(f"kd_where={kd_where!r}; use all or agree")
+
+
+def _labelled_kd_mask(
+    labelled: Tensor, teacher_logits: Tensor, labels: Tensor, kd_where: str
+) -> Tensor:
+    """The labelled items that get the KD term (under "agree": where the
+    teacher's top class is the label; elsewhere the label wins)."""
+    if kd_where != "agree":
+        return labelled
+    return labelled & (teacher_logits.argmax(dim=1).to(labelled.device) == labels)
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
@@ -51,8 +66,7 @@ def kd_loss(
     the label are dropped; unlabelled items keep theirs, having no label to
     check against); `"all"` keeps every item's.
     """
-    if kd_where not in ("all", "agree"):
-        raise ValueError(f"kd_where={kd_where!r}; use all or agree")
+    _check_kd_where(kd_where)
     n = student_logits.shape[0]
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; must be in [0, 1]")
@@ -84,10 +98,7 @@ def kd_loss(
     kd = t2 * kl_items.sum() / max(n, 1)
     loss = alpha * ce if alpha < 1.0 else ce  # alpha=1: exactly CE on labelled items
     if alpha < 1.0:
-        kd_mask = mask
-        if kd_where == "agree":
-            agrees = teacher_logits.argmax(dim=1).to(mask.device) == safe_labels
-            kd_mask = mask & agrees
+        kd_mask = _labelled_kd_mask(mask, teacher_logits, safe_labels, kd_where)
         loss = loss + (1.0 - alpha) * t2 * (kl_items * kd_mask).sum() / max(n, 1)
     if not all_labelled and unlabelled_weight > 0:
         loss = loss + unlabelled_weight * t2 * (kl_items * ~mask).sum() / max(n, 1)
