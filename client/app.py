@@ -50,6 +50,7 @@ from client.site import (
 from common import ood
 from common.config import ExperimentConfig
 from common.errors import MessageError
+from common.secure_sum import SumRequest
 from common.serialization import (
     CALIBRATION_PREFIXES,
     CALIBRATION_RECORD,
@@ -120,7 +121,9 @@ def query(msg: Message, context: Context) -> Message:
         cfg, _, site = _site(msg, context)
         info = site_info(cfg, site)  # the typed contract, sent flat (kebab-case)
         content = RecordDict({"site": ConfigRecord({**info.to_dict()})})
-        if cfg.teacher.head == "closed_form" and uses_teacher(cfg):
+        # in the clear here; through SecAgg+ later when summed securely
+        in_clear = not cfg.privacy.secure_aggregation
+        if cfg.teacher.head == "closed_form" and uses_teacher(cfg) and in_clear:
             with phase("head"):
                 stats = head_stats(site, info.num_classes)
             content[STATS_RECORD] = pack_stats(stats)
@@ -144,35 +147,71 @@ def _federation_weight(conf: ConfigRecord) -> float | None:
 
 @app.train(mods=[secagg.secagg_mod, dp_clipping])
 def train(msg: Message, context: Context) -> Message:
-    """Distil into the global student on this site's data and reply its update."""
+    """Distil into the global student on this site's data and reply its update
+    (or, through SecAgg+, the site's part of a secure sum of statistics)."""
     with timing.profiled("train") as prof:
         cfg, conf, site = _site(msg, context)
-        global_arrays = _arrays(msg)
-        received = None
-        if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: first
-            with phase("eval"):
-                received = evaluate_round(
-                    cfg, site, global_arrays, context.state, int(conf["num-classes"])
-                )
-        with phase("train"):
-            arrays, metrics = train_round(
-                cfg,
-                site,
-                global_arrays,
-                context.state,
-                server_round=int(conf.get("server-round", 0)),
-                num_classes=int(conf["num-classes"]),
-                proximal_mu=float(conf.get("proximal-mu", 0.0)),
-                federation_weight=_federation_weight(conf),
-            )
-        with phase("reply"):
-            content = _train_reply(cfg, msg, arrays, global_arrays, metrics)
-            content["site"] = ConfigRecord({"name": site.name})
-            if received is not None:
-                content[EVAL_RECORD] = ConfigRecord(
-                    {k: float(v) for k, v in received.items()}
-                )
+        request = SumRequest.from_config(conf) if secagg.is_secure(msg) else None
+        if request is not None:
+            content = _secure_sum_reply(cfg, conf, site, request)
+        else:
+            content = _train(cfg, conf, site, msg, context)
     return _with_profile(content, prof, msg)
+
+
+def _secure_sum_reply(
+    cfg: ExperimentConfig,
+    conf: ConfigRecord,
+    site: PreparedSite,
+    request: SumRequest,
+) -> RecordDict:
+    """The site's scaled statistics for a secure sum (client/secagg.py)."""
+    if request.what != "ridge" or not uses_teacher(cfg):
+        raise MessageError(
+            f"secure sum of {request.what!r}: this site sums only the closed-form "
+            "head's 'ridge' statistics, and only with a teacher"
+        )
+    with phase("head"):
+        stats = head_stats(site, int(conf["num-classes"]))
+    content = secagg.sum_content(stats, request)
+    content["site"] = ConfigRecord({"name": site.name})
+    return content
+
+
+def _train(
+    cfg: ExperimentConfig,
+    conf: ConfigRecord,
+    site: PreparedSite,
+    msg: Message,
+    context: Context,
+) -> RecordDict:
+    """One training round: evaluate first (eval_in_train), train, the reply."""
+    global_arrays = _arrays(msg)
+    received = None
+    if conf.get(EVAL_RECEIVED, False):  # federation.eval_in_train: first
+        with phase("eval"):
+            received = evaluate_round(
+                cfg, site, global_arrays, context.state, int(conf["num-classes"])
+            )
+    with phase("train"):
+        arrays, metrics = train_round(
+            cfg,
+            site,
+            global_arrays,
+            context.state,
+            server_round=int(conf.get("server-round", 0)),
+            num_classes=int(conf["num-classes"]),
+            proximal_mu=float(conf.get("proximal-mu", 0.0)),
+            federation_weight=_federation_weight(conf),
+        )
+    with phase("reply"):
+        content = _train_reply(cfg, msg, arrays, global_arrays, metrics)
+        content["site"] = ConfigRecord({"name": site.name})
+        if received is not None:
+            content[EVAL_RECORD] = ConfigRecord(
+                {k: float(v) for k, v in received.items()}
+            )
+    return content
 
 
 def _train_reply(

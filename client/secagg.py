@@ -13,10 +13,18 @@ unmasking. This module only translates between that layout and ours:
 - `train_config`, `train_arrays`: our config and the named global arrays
   from `fitins.*` (the names travel in the config as `array-keys`);
 - `fitres_content`: the reply as `fitres.*`: the site's **update** (local -
-  received weights, float32, in the received order), every coordinate clipped
+  received weights, in float64 so that Flower's quantiser, which computes in
+  the array's dtype, resolves the finest levels (float32 holds 2^24; the
+  masked integers on the wire are the same size either way), in the received
+  order), every coordinate clipped
   to +-`privacy.secagg_clipping_range` (the mod quantises within that range),
   and `num_examples` = the site's training images, so the unmasked result is
-  FedAvg's example-weighted mean update.
+  FedAvg's example-weighted mean update;
+- `sum_content`: for a secure *sum* of statistics (the closed-form head's,
+  server/teacher_head.py; common/secure_sum.py), the reply as `fitres.*`: the
+  named statistics the server asked for, each divided by the public scale it
+  sent so that every coordinate lies in [-1, 1], as two limbs, with weight 1
+  (the server multiplies the mean by the number of sites).
 """
 
 from __future__ import annotations
@@ -31,11 +39,13 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common.errors import MessageError
+from common.secure_sum import SumRequest, split_limbs
 
 FITINS_ARRAYS = "fitins.parameters"
 FITINS_CONFIG = "fitins.config"
 ARRAY_KEYS = "array-keys"  # the global arrays' names, newline-separated
 CLIPPED_METRIC = "secagg_clipped_fraction"
+
 
 
 def secagg_mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -95,8 +105,8 @@ def fitres_content(
         )
     deltas, clipped, total = [], 0, 0
     for key in received.keys():
-        ref = received[key].numpy().astype(np.float32)
-        new = np.asarray(local.get(key, ref), dtype=np.float32)
+        ref = received[key].numpy().astype(np.float64)
+        new = np.asarray(local.get(key, ref), dtype=np.float64)
         delta = new - ref
         clipped += int(np.count_nonzero(np.abs(delta) > clipping_range))
         total += delta.size
@@ -106,5 +116,27 @@ def fitres_content(
         parameters=ndarrays_to_parameters(deltas),
         num_examples=int(num_examples),
         metrics={**metrics, CLIPPED_METRIC: clipped / max(total, 1)},
+    )
+    return compat.fitres_to_recorddict(fit, keep_input=True)
+
+
+def sum_content(values: Mapping[str, np.ndarray], request: SumRequest) -> RecordDict:
+    """The reply to a secure sum as `fitres.*`: each values[k] / scale, as its two
+    limbs (common/secure_sum.py), in the request's order, weight 1; a value
+    beyond +-1 (a scale too small) is clipped and counted."""
+    missing = [k for k in request.keys if k not in values]
+    if missing:
+        raise MessageError(f"secure sum asks for {missing}, which this site lacks")
+    vectors, clipped, total = [], 0, 0
+    for key, scale in zip(request.keys, request.scales, strict=True):
+        v = np.asarray(values[key], dtype=np.float64) / scale
+        clipped += int(np.count_nonzero(np.abs(v) > 1.0))
+        total += v.size
+        vectors.extend(split_limbs(v, request.levels))
+    fit = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters(vectors),
+        num_examples=1,
+        metrics={CLIPPED_METRIC: clipped / max(total, 1)},
     )
     return compat.fitres_to_recorddict(fit, keep_input=True)

@@ -300,15 +300,19 @@ class PrivacyConfig:
     # only the masked sum of the sites' updates, never one site's. Each site
     # sends its update (local - global weights), every coordinate clipped to
     # +-secagg_clipping_range, weighted by its training images and quantised
-    # to secagg_quantization levels; Flower's workflow unmasks the weighted
-    # mean. secagg_shares: each site's secret is split among this fraction of
-    # the round's sites; secagg_threshold: the fraction of those shares that
-    # must come back to rebuild a dropped site's masks.
+    # to secagg_quantization levels (0: the finest the workflow's 2^32
+    # modulus allows for the round's sites, 2^31 / the next power of two >=
+    # the sites: 2^29 for 4, a step of 2 * 8 / 2^29 = 3e-8); Flower's workflow
+    # unmasks the weighted mean. With teacher.head=closed_form the head's
+    # statistics are summed the same way, once (server/teacher_head.py).
+    # secagg_shares: each site's secret is split among this fraction of the
+    # round's sites; secagg_threshold: the fraction of those shares that must
+    # come back to rebuild a dropped site's masks.
     secure_aggregation: bool = False
     secagg_shares: float = knob(1.0, bounds="(0, 1]")
     secagg_threshold: float = knob(0.5, bounds="(0, 1]")
     secagg_clipping_range: float = knob(8.0, bounds="(0, inf]")
-    secagg_quantization: int = knob(1 << 22, bounds="[2, 1073741824]")
+    secagg_quantization: int = knob(0, bounds="[0, 1073741824]")
 
 
 @dataclass
@@ -477,11 +481,15 @@ def validate(cfg: ExperimentConfig) -> None:
             f"config key 'federation.min_sites' = {cfg.federation.min_sites} exceeds "
             f"'partition.sites' = {cfg.partition.sites}; lower min_sites"
         )
-    if cfg.teacher.head == "closed_form" and not cfg.privacy.share_class_counts:
+    closed_form_in_clear = (
+        cfg.teacher.head == "closed_form" and not cfg.privacy.secure_aggregation
+    )
+    if closed_form_in_clear and not cfg.privacy.share_class_counts:
         raise ConfigError(
             "teacher.head=closed_form sends per-class feature sums and counts, which "
-            "privacy.share_class_counts=false forbids, and secure aggregation of the "
-            "sums is not available yet; use teacher.head=federated or local"
+            "privacy.share_class_counts=false forbids unless they are summed "
+            "securely; set privacy.secure_aggregation=true, or use "
+            "teacher.head=federated or local"
         )
     if cfg.federation.strategy == "scaffold":
         _check_scaffold(cfg)
@@ -563,6 +571,11 @@ def _check_secure_aggregation(cfg: ExperimentConfig) -> None:
         why = (
             "teacher.head=federated: a site's first head arrives without a global "
             "one to take the update from; use teacher.head=closed_form or local"
+        )
+    elif cfg.privacy.secagg_quantization == 1:
+        why = (
+            "privacy.secagg_quantization=1: one level cannot carry a value; use 0 "
+            "(the finest the modulus allows) or 2 and above"
         )
     if why:
         raise ConfigError(

@@ -33,6 +33,10 @@ class SiteInfo:
     deployed: bool = False  # a real site (its own data), not a simulated partition
     # per-class training counts; None when privacy.share_class_counts is off
     class_counts: tuple[int, ...] | None = None
+    # e with |teacher feature| <= 2^e over the labelled training views; sent
+    # only when the closed-form head's statistics are summed securely (the
+    # server scales the sum by it; server/teacher_head.py)
+    teacher_feature_log2: int | None = None
     version: int = SITE_INFO_VERSION
 
     @property
@@ -85,6 +89,7 @@ _TYPES = {
     "bool": (bool,),
     "tuple[str, ...]": (list, tuple),
     "tuple[int, ...] | None": (list, tuple),
+    "int | None": (int,),
 }
 
 

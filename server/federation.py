@@ -52,7 +52,7 @@ from server.rounds import (
 )
 from server.screening import RoundReport, site_name
 from server.strategy import build_strategy, site_eval_means, sites_needed
-from server.teacher_head import read_stats, solve_head, with_head
+from server.teacher_head import read_stats, secure_stats, solve_head, with_head
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,14 @@ def handshake(
 
 def _closed_form(cfg: ExperimentConfig, info: SiteInfo) -> bool:
     """Whether this site's handshake carries ridge statistics for the head."""
-    return cfg.teacher.head == "closed_form" and info.teacher_used
+    in_clear = not cfg.privacy.secure_aggregation
+    return cfg.teacher.head == "closed_form" and info.teacher_used and in_clear
+
+
+def _secure_head(cfg: ExperimentConfig, infos: list[SiteInfo]) -> bool:
+    """Whether the head's statistics are to be summed through SecAgg+."""
+    secure = cfg.privacy.secure_aggregation and cfg.teacher.head == "closed_form"
+    return secure and any(i.teacher_used for i in infos)
 
 
 def check_sites_agree(infos: list[dict[str, Any]]) -> None:
@@ -261,6 +268,9 @@ def run_federation(
     run = _start(grid, cfg, Path(run_dir), infos, names)
     if stats:  # solved from the sites of this (re)start
         run.head = solve_head(cfg, stats, run.classes)
+    elif _secure_head(cfg, infos):  # the same sums, through SecAgg+
+        total = secure_stats(grid, cfg, infos, names)
+        run.head = solve_head(cfg, {"secure sum": total}, run.classes)
     if resume:
         _resume(run)
     else:

@@ -180,7 +180,16 @@ def _shared(
             "site's), each site's training-image count and train/eval scalar "
             "metrics in the clear"
         )
-    if cfg.teacher.head == "closed_form":
+    if cfg.teacher.head == "closed_form" and cfg.privacy.secure_aggregation:
+        out["teacher_head_statistics"] = (
+            "once, after the handshake, masked by Flower's SecAgg+: the server "
+            "unmasks only the sum over sites of the per-class counts, feature "
+            "sums and Gram matrices of the labelled teacher features (the "
+            "pooled class counts and moments, never one site's); each site's "
+            "handshake adds teacher-feature-log2, a power of two above its "
+            "largest teacher feature value, the sum's public scale"
+        )
+    elif cfg.teacher.head == "closed_form":
         out["teacher_head_statistics"] = (
             "once, in the handshake: per-class counts, per-class sums and Gram "
             "matrices of the labelled teacher features (closed-form head; they "

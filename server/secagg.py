@@ -54,12 +54,21 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from client.secagg import ARRAY_KEYS
+from common.errors import FedKDError
+from common.secure_sum import SumRequest, join_limbs, quantization_levels
 from common.serialization import record_bytes
 from server.exchange import exchange
 from server.screening import RoundReport, record_site_metrics
 
 log = logging.getLogger(__name__)
 
+# docs/security.md, "Secure aggregation": what two sites leave exposed
+TWO_SITES = (
+    "SecAgg+ with 2 sites: each site can subtract its own vector from the sum "
+    "and read the other's, and each vector carries one pairwise mask, which "
+    "Flower 1.42 draws from a 32-bit seed (pseudo_rand_gen): a server that "
+    "searches 2^32 seeds can unmask one site; use 3 or more sites"
+)
 FITRES_METRICS = "fitres.metrics"
 FITRES_COUNT = "fitres.num_examples"
 
@@ -174,16 +183,14 @@ def _mean_reply(
     return Message(content=content, reply_to=sent[0])
 
 
-def secure_train(
-    grid, cfg, rnd: int, arrays: ArrayRecord, sent: list[Message],
-    names: Mapping[int, str], max_images: int,
-) -> tuple[Message | None, list[Message], RoundReport]:
-    """Run SecAgg+ over `sent`: (one reply holding the mean, site replies, report).
-
-    `max_images` is the largest site's training images (from the handshake):
-    each site's weight in the workflow is its images over it, at most 1.
-    """
+def _workflow(
+    grid, cfg, rnd: int, sent: list[Message], *, max_weight: float,
+    clipping_range: float,
+) -> tuple[_Shim, _RecordingGrid]:
+    """Flower's SecAggPlusWorkflow over `sent`: (shim holding the mean, stages)."""
     p, fed = cfg.privacy, cfg.federation
+    if len(sent) == 2:
+        log.warning(TWO_SITES)
     shim = _Shim([
         (GridClientProxy(m.metadata.dst_node_id, grid, m.metadata.run_id), _fitins(m))
         for m in sent
@@ -196,26 +203,37 @@ def secure_train(
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {WorkflowKey.CURRENT_ROUND: rnd}
     )
-    legacy.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = sent[0].content["arrays"]
     recording = _RecordingGrid(grid, fed.round_timeout, fed.poll_interval)
     SecAggPlusWorkflow(
         num_shares=float(p.secagg_shares),
         reconstruction_threshold=float(p.secagg_threshold),
-        max_weight=float(max(max_images, 1)),
-        clipping_range=p.secagg_clipping_range,
-        quantization_range=int(p.secagg_quantization),
+        max_weight=float(max_weight),
+        clipping_range=float(clipping_range),
+        quantization_range=quantization_levels(p.secagg_quantization, len(sent)),
         timeout=fed.round_timeout,
     )(recording, legacy)
+    return shim, recording
+
+
+def secure_train(
+    grid, cfg, rnd: int, arrays: ArrayRecord, sent: list[Message],
+    names: Mapping[int, str], max_images: int,
+) -> tuple[Message | None, list[Message], RoundReport]:
+    """Run SecAgg+ over `sent`: (one reply holding the mean, site replies, report).
+
+    `max_images` is the largest site's training images (from the handshake):
+    each site's weight in the workflow is its images over it, at most 1.
+    """
+    shim, recording = _workflow(
+        grid, cfg, rnd, sent, max_weight=max(max_images, 1),
+        clipping_range=cfg.privacy.secagg_clipping_range,
+    )
     replies = _masked_replies(recording.stages)
     report = RoundReport(sampled=len(sent), received=len(replies))
     report.bytes_down = sum(record_bytes(m.content["arrays"]) for m in sent)
     report.bytes_up = _masked_bytes(recording.stages)
-    got = {m.metadata.src_node_id for m in replies}
-    report.failed += [
-        f"{names.get(m.metadata.dst_node_id, m.metadata.dst_node_id)}: no masked "
-        "update (dropped out of the SecAgg+ round)"
-        for m in sent if m.metadata.dst_node_id not in got
-    ]
+    report.failed += _dropped(sent, replies, names)
     if shim.mean is None or not replies:
         report.failed.append("server: SecAgg+ could not unmask this round")
         return None, replies, report
@@ -223,3 +241,47 @@ def secure_train(
     for msg in replies:
         record_site_metrics(report, msg, names)
     return _mean_reply(arrays, shim.mean, replies, sent), replies, report
+
+
+def _dropped(
+    sent: list[Message], replies: list[Message], names: Mapping[int, str]
+) -> list[str]:
+    """One line per site that sent no masked vector."""
+    got = {m.metadata.src_node_id for m in replies}
+    return [
+        f"{names.get(m.metadata.dst_node_id, m.metadata.dst_node_id)}: no masked "
+        "vector (dropped out of the SecAgg+ exchange)"
+        for m in sent if m.metadata.dst_node_id not in got
+    ]
+
+
+def secure_sum(
+    grid, cfg, sent: list[Message], names: Mapping[int, str], request: SumRequest
+) -> tuple[list[np.ndarray], list[str]]:
+    """The unmasked SUM of the statistics the sites reply to `sent` (in
+    `request.keys` order), and who it lacks (one line each).
+
+    Each site scales its arrays into [-1, 1] by the request's public scales,
+    splits them into two limbs (common/secure_sum.py) and replies with weight
+    1, so the workflow's mean times the number of sites that replied is the
+    sum of the limbs. The server never holds one site's arrays. FedKDError
+    when it cannot unmask or fewer than two sites took part.
+    """
+    if len(sent) < 2:
+        raise FedKDError("a secure sum needs 2 or more sites; only "
+                         f"{len(sent)} connected")
+    shim, recording = _workflow(grid, cfg, 0, sent, max_weight=1.0,
+                                clipping_range=1.0)
+    replies = _masked_replies(recording.stages)
+    missing = _dropped(sent, replies, names)
+    if shim.mean is None or len(replies) < 2:
+        raise FedKDError(
+            f"SecAgg+ could not unmask the sum ({len(replies)} of {len(sent)} "
+            f"sites sent a masked vector; {'; '.join(missing) or 'no error'})"
+        )
+    limbs = [m * len(replies) for m in shim.mean]
+    sums = [
+        join_limbs(hi, lo, request.levels)
+        for hi, lo in zip(limbs[0::2], limbs[1::2], strict=True)
+    ]
+    return [s * scale for s, scale in zip(sums, request.scales, strict=True)], missing

@@ -7,6 +7,7 @@ tells the server about it. Nothing here is ever serialised or sent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,24 @@ def site_info(cfg: ExperimentConfig, site: PreparedSite) -> SiteInfo:
         teacher_feature_dim=int(teacher.get("feature_dim", 0)),
         deployed=bool(site.deployed),
         class_counts=counts if cfg.privacy.share_class_counts else None,
+        teacher_feature_log2=_feature_log2(site) if _secure_head(cfg) else None,
     )
+
+
+def _secure_head(cfg: ExperimentConfig) -> bool:
+    """Whether the closed-form head's statistics are summed through SecAgg+."""
+    return cfg.teacher.head == "closed_form" and cfg.privacy.secure_aggregation
+
+
+def _feature_log2(site: PreparedSite) -> int | None:
+    """e with |feature| <= 2^e over the labelled training views (None: no teacher).
+
+    Only this power of two leaves the site: the server's scale for the sum."""
+    if site.feats_train is None:
+        return None
+    labelled = site.train.labelled.cpu()
+    peak = float(site.feats_train[:, labelled].abs().max()) if labelled.any() else 0.0
+    return math.ceil(math.log2(peak)) if peak > 0 else 0
 
 
 __all__ = ["PreparedSite", "prepare_site", "site_info"]

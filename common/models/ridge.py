@@ -294,6 +294,17 @@ def fit_logit_scale(
     return float(np.exp(res.x))
 
 
+def _cholesky(cov: np.ndarray) -> np.ndarray:
+    """A lower-triangular L with L L^T = cov (+ a relative 1e-9 jitter).
+
+    Unlike an eigendecomposition, whose vectors may flip sign under a change
+    in the last bit (the score covariance of K classes has rank K - 1: the
+    ridge scores sum to about 1), it moves continuously with `cov`, so equal
+    sums computed in another order give the same scale to rounding."""
+    jitter = 1e-9 * max(float(np.trace(cov)) / len(cov), 1e-300)
+    return np.linalg.cholesky(cov + jitter * np.eye(len(cov)))
+
+
 def gaussian_logit_scale(
     stats: RidgeStats,
     weight: np.ndarray,
@@ -307,7 +318,9 @@ def gaussian_logit_scale(
     mean and covariance (from its counts, sums and Gram; a linear score over
     many features is close to Gaussian), the same number per class so that the
     scale carries no label prior, and `fit_logit_scale` is run on the draws.
-    Deterministic for a given seed. Classes without examples are skipped.
+    Deterministic for a given seed, and continuous in the statistics (the
+    draws are one fixed set of normals times a Cholesky factor). Classes
+    without examples are skipped.
     """
     w = np.asarray(weight, dtype=np.float64)
     b = np.asarray(bias, dtype=np.float64)
@@ -319,9 +332,8 @@ def gaussian_logit_scale(
         cov = stats.class_gram[c] / n - np.outer(mu, mu)
         s_cov = w @ cov @ w.T
         s_cov = 0.5 * (s_cov + s_cov.T)
-        draws = rng.multivariate_normal(w @ mu + b, s_cov, samples_per_class,
-                                        method="eigh", check_valid="ignore")
-        scores.append(draws)
+        z = rng.standard_normal((samples_per_class, s_cov.shape[0]))
+        scores.append(w @ mu + b + z @ _cholesky(s_cov).T)
         labels.append(np.full(samples_per_class, c))
     if len(scores) < 2:
         raise ValueError("a logit scale needs examples of at least two classes")

@@ -123,28 +123,41 @@ def _run_to_end(fed, tmp_path, name: str, extra: list[str]) -> Path:
     return out
 
 
+# measured 2026-12-01 (float64 updates, Q = 2^30): 1.5e-8 after round 1
+# (one float32 ULP), 3.5e-4 after round 3: SGD carries a 1-ULP difference on,
+# as it does any (tests/server/test_secagg.py compares with a 1-ULP nudge of
+# plain FedAvg); docs/security.md
+ROUND1_ATOL, ROUND3_ATOL = 1e-6, 2e-3
+
+
 @pytest.mark.slow
 def test_secure_aggregation_over_tls_gives_fedavgs_weights(fed, tmp_path):
-    """3 rounds through Flower's SecAgg+ equal 3 plain FedAvg rounds (quantisation)."""
+    """3 rounds through Flower's SecAgg+ equal 3 plain FedAvg rounds (quantisation),
+    and the closed-form head from the securely summed statistics equals the one
+    from the statistics sent in the clear."""
     from server import checkpoint
 
-    base = ["federation.rounds=3", "teacher.head=local",
+    # the head's statistics in the clear (plain) need the class counts shared
+    base = ["federation.rounds=3", "teacher.head=closed_form",
+            "privacy.share_class_counts=true",
             "calibration.temperature=false", "calibration.ood=none"]
     plain = _run_to_end(fed, tmp_path, "plain", base)
     secure = _run_to_end(fed, tmp_path, "secure",
                          [*base, "privacy.secure_aggregation=true"])
 
     # round 1 starts from the same model: its aggregates differ by the
-    # quantisation alone (a few steps of 2C/Q = 3.8e-6); rounds 2-3 train from
-    # models that differ by that much, and SGD carries the difference on
-    # (measured: at most 1.2e-3 on weights of size ~0.1 after round 3)
-    for rnd, atol in (("round-0001.pt", 2e-5), ("latest.pt", 5e-3)):
+    # quantisation alone (2 sites: Q = 2^30 levels over +-8, a step of
+    # 1.5e-8); rounds 2-3 train from models that differ by that much, and SGD
+    # carries the difference on (as it carries any 1-ULP change)
+    for rnd, atol in (("round-0001.pt", ROUND1_ATOL), ("latest.pt", ROUND3_ATOL)):
         a = checkpoint.load_checkpoint(plain / "checkpoints" / rnd)["arrays"]
         b = checkpoint.load_checkpoint(secure / "checkpoints" / rnd)["arrays"]
-        for key, value in a.items():
-            if value.dtype.kind == "f":
-                np.testing.assert_allclose(b[key], value, atol=atol,
-                                           err_msg=f"{rnd} {key}")
+        worst = max(float(np.abs(b[k] - v).max()) for k, v in a.items()
+                    if v.dtype.kind == "f" and not k.startswith("head."))
+        print(f"SecAgg+ vs plain FedAvg, {rnd}: largest difference {worst:.2e}")
+        assert worst <= atol, (rnd, worst)
+        for key in ("head.weight", "head.bias"):  # solved once, from the sums
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
     card = json.loads((secure / "final" / "model_card.json").read_text())
     assert card["shared_with_server"]["secure_aggregation"] is True
     rows = [json.loads(line) for line in

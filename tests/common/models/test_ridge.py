@@ -188,3 +188,20 @@ def test_gaussian_logit_scale_matches_the_fit_on_the_rows():
     one_class = site_stats(x[y == 0], y[y == 0], K)
     with pytest.raises(ValueError, match="two classes"):
         gaussian_logit_scale(one_class, w, b)
+
+
+def test_gaussian_logit_scale_moves_continuously_with_the_sums():
+    """Sums equal up to their last bits (added in another order, or through
+    SecAgg+) give the same scale: with one-hot targets the K scores sum to
+    about 1, so their covariance is singular, and an eigendecomposition's
+    vectors could flip sign between the two and redraw every sample."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(c, 1.0, (200, 5)) for c in range(2)])
+    y = np.repeat(np.arange(2), 200)
+    stats = site_stats(x, y, 2)
+    w, b = solve(stats, LAM)
+    nudged = type(stats)(stats.class_counts, stats.class_sum * (1 + 1e-15),
+                         stats.class_gram * (1 - 1e-15))
+
+    scale = gaussian_logit_scale(stats, w, b)
+    assert gaussian_logit_scale(nudged, w, b) == pytest.approx(scale, rel=1e-9)
