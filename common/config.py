@@ -321,8 +321,14 @@ class CalibrationConfig:
     # round from sums the sites send for the final model (common/calibration.py,
     # common/ood.py; docs/security.md says what they reveal). Skipped with
     # privacy.dp: the sums carry no noise.
-    # temperature scaling (Guo et al. 2017) on the sites' held-out test parts
+    # temperature scaling (Guo et al. 2017) ...
     temperature: bool = True
+    # ... fitted on: sites (the sites' held-out test parts, summed: what a
+    # deployment has) | validation (the global validation split, which a
+    # simulation's server holds: the images the global test resembles, where
+    # the sites' parts carry their scanner profiles) | auto (validation when
+    # the server holds that split, else sites)
+    temperature_data: str = knob("auto", choices=("auto", "sites", "validation"))
     # out-of-distribution check stored with the model: mahalanobis (Lee et al.
     # 2018, in the student's pooled features; per class, or one class-agnostic
     # Gaussian when privacy.share_class_counts is false) | none

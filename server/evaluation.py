@@ -101,6 +101,13 @@ class GlobalEvaluator:
         feats, logits = student_outputs(self._model(arrays), self.x)
         return feats.double().numpy(), logits.double().numpy(), self.y.numpy()
 
+    def val_logits(self, arrays: ArrayRecord) -> tuple[np.ndarray, np.ndarray] | None:
+        """(logits, labels) of the student on the validation split, if held."""
+        if self.val is None:
+            return None
+        _, logits = student_outputs(self._model(arrays), self.val[0])
+        return logits.double().numpy(), self.val[1].numpy()
+
     def evaluate_teacher(self, arrays: ArrayRecord) -> dict[str, float]:
         """The federated teacher head on the global test: `teacher_*` metrics.
 

@@ -168,3 +168,48 @@ def test_a_federation_ends_with_a_calibrated_checked_model(npz, tmp_path, capsys
     )
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
     assert header.endswith(",in_distribution,ood_score")
+
+
+@pytest.mark.parametrize("choice", ["auto", "validation", "sites"])
+def test_a_simulation_fits_the_temperature_where_the_config_says(
+    npz, tmp_path, choice
+):
+    """auto and validation: on the global validation split the server holds in a
+    simulation (the images the global test resembles); sites: on the sites'
+    summed held-out parts, as a deployment does."""
+    from server.evaluation import GlobalEvaluator
+
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0", "run.global_eval=true",
+                      f"calibration.temperature_data={choice}")
+    arrays = _informative_arrays(cfg)
+    grid = InProcessGrid(client_app, SITES)
+    infos, names = handshake(grid, cfg, SITES)
+    ctx = RoundContext(cfg, grid, None, names, cfg.federation.min_sites,
+                       SeededSampling())
+    evaluator = GlobalEvaluator.maybe(cfg, [str(c) for c in infos[0].classes])
+    logits, labels = evaluator.val_logits(arrays)
+
+    fitted = calibrate(ctx, arrays, 2, "chest X-ray, 28 px", evaluator)
+
+    on_val = calibration.fit_temperature(logits, labels)
+    on_sites, _, _ = _pooled(cfg, arrays, classwise=True)
+    assert abs(on_val - on_sites) > 1e-3  # the two fits differ here
+    want = on_sites if choice == "sites" else on_val
+    assert fitted.calibration.temperature == pytest.approx(want, rel=1e-9)
+    where = "held-out test parts" if choice == "sites" else "validation split"
+    assert where in fitted.calibration.fitted_on
+    # the card reports the global test before and after, whichever data fitted T
+    assert {"ece_global_test_before", "ece_global_test_after"} <= set(fitted.report)
+
+
+def test_validation_asked_for_without_the_split_falls_back_to_the_sites_loudly(
+    npz, tmp_path, caplog
+):
+    cfg = tiny_config(npz, tmp_path, "distill.alpha=1.0",
+                      "calibration.temperature_data=validation")
+    arrays = _informative_arrays(cfg)
+
+    fitted = calibrate(_context(cfg), arrays, 2, "chest X-ray, 28 px", None)
+
+    assert "held-out test parts" in fitted.calibration.fitted_on
+    assert "holds no validation split" in caplog.text
