@@ -9,8 +9,9 @@ deploy.yaml`) with a random ViT-S/14 teacher at 56 px (`--quick`: a tiny ViT at
 32 px and a tiny student). Each SuperNode trains on its share of the cores
 (`--num-threads`). The deployment is measured twice, one after the other:
 with a warm site worker per SuperNode (`deploy.launch supernode --worker`,
-client/worker.py; the headline keys) and with Flower's fresh ClientApp process
-per message (the `_cold` keys).
+client/worker.py) and a 0.2 s idle poll (`--poll 0.2`, deploy/supernode.py;
+the headline keys), and as Flower ships it: a fresh ClientApp process per
+message and the SuperNode's 3 s idle poll (the `_cold` keys).
 
 - `deploy_message_fixed_s`: a throwaway ServerApp (our ClientApp unchanged)
   first sends the handshake, which fills each site's teacher cache, then sends
@@ -49,6 +50,7 @@ from benchmarks._util import SHARED_NPZ, merge, parser, table, timed_run
 
 PRESET = "simulations/configs/deploy.yaml"
 SITES = ["hospital-a", "hospital-b"]
+FAST_POLL = 0.2  # the warm deployment's SuperNode idle poll (seconds)
 
 BENCH_SERVER = '''\
 """Benchmark ServerApp: handshake, then evaluate-only messages, timed."""
@@ -159,9 +161,11 @@ def _start_federation(h, npz: Path, root: Path, procs, worker: bool):
     for site in SITES:
         fed.register(site)
     for site in SITES:
-        fed.start_supernode(site, f"npz:{root / (site + '.npz')}", worker=worker)
+        fed.start_supernode(site, f"npz:{root / (site + '.npz')}", worker=worker,
+                            poll=FAST_POLL if worker else None)
     fed.wait_online(2, timeout=120)
-    kind = "a warm site worker each" if worker else "a fresh process per message"
+    kind = (f"a warm site worker each, {FAST_POLL:g} s idle poll" if worker
+            else "a fresh process per message, Flower's 3 s idle poll")
     _say(f"federation up: SuperLink + 2 SuperNodes ({kind}), TLS + auth ({root})")
     return fed
 
@@ -419,7 +423,8 @@ def run(quick: bool, out: Path, work: Path, workload: str = "bench") -> dict:
         "note": "2 SuperNodes on loopback, TLS + node auth, subprocess isolation, "
         "each SuperNode on its share of the cores (--num-threads); the headline "
         "keys with a warm site worker per SuperNode (deploy.launch supernode "
-        "--worker), the _cold keys with Flower's fresh process per message; "
+        f"--worker --poll {FAST_POLL:g}), the _cold keys with Flower's fresh "
+        "process per message and its 3 s idle poll; "
         "fixed cost = median round trip of an evaluate-only message to both sites "
         "on a warm cache; ratio = median steady round, deployed / in-process",
     }

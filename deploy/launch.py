@@ -46,6 +46,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.supernode import POLL_RANGE
+
 log = logging.getLogger(__name__)
 
 INSECURE_ACK_FLAG = "--i-understand-this-is-insecure"
@@ -287,6 +289,9 @@ class SuperNodeSpec:
     max_wait_time: float | None = None
     insecure: bool = False
     i_understand_insecure: bool = False
+    # seconds between the SuperNode's pulls when idle; None = Flower's own
+    # 3 s (flower-supernode); a value runs deploy/supernode.py instead
+    poll: float | None = None
 
 
 def supernode_argv(spec: SuperNodeSpec, executable: str | None = None
@@ -298,8 +303,15 @@ def supernode_argv(spec: SuperNodeSpec, executable: str | None = None
             "e.g. link.example.org:9093"
         )
     validate_node_config(spec.node)
-    exe = executable or flower_executable("flower-supernode")
-    argv = [exe, "--superlink", spec.superlink]
+    if spec.poll is None:
+        argv = [executable or flower_executable("flower-supernode")]
+    else:
+        lo, hi = POLL_RANGE
+        if not lo <= spec.poll <= hi:
+            raise LaunchError(f"--poll {spec.poll:g} is outside [{lo:g}, {hi:g}] s")
+        argv = [executable or sys.executable, "-m", "deploy.supernode",
+                "--poll", f"{spec.poll:g}"]
+    argv += ["--superlink", spec.superlink]
     if spec.insecure:
         if not spec.i_understand_insecure:
             raise LaunchError(
@@ -414,6 +426,10 @@ def _supernode_args(sub) -> None:
                       help="local Runtime API port (one per SuperNode)")
     node.add_argument("--max-retries", type=int, default=None)
     node.add_argument("--max-wait-time", type=float, default=None)
+    node.add_argument("--poll", type=float, default=None,
+                      help="seconds between pulls when idle (default: Flower's "
+                      "hard-coded 3 s; e.g. 0.2 cuts each message's wait, at the "
+                      "cost of more requests to the SuperLink; deploy/supernode.py)")
 
 
 def _connection_args(sub) -> None:
@@ -470,6 +486,7 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         ca_cert=args.ca, private_key=args.key, host=args.host, port=args.port,
         max_retries=args.max_retries, max_wait_time=args.max_wait_time,
         insecure=args.insecure, i_understand_insecure=args.ack_insecure,
+        poll=args.poll,
     )
     return supernode_argv(spec_n), env
 

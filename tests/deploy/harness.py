@@ -304,7 +304,8 @@ class Federation:
 
     def start_supernode(self, name: str, data_source: str, *,
                         ca: bool = True, max_retries: int | None = None,
-                        worker: bool = False) -> subprocess.Popen:
+                        worker: bool = False,
+                        poll: float | None = None) -> subprocess.Popen:
         home = self.root / f"node-{name}"
         cache = home / "cache"
         cache.mkdir(parents=True, exist_ok=True)
@@ -314,7 +315,7 @@ class Federation:
             node=launch.NodeConfig(name, data_source, cache, self.node_threads,
                                    sock),
             ca_cert=self.creds / "ca.crt", private_key=self.creds / f"{name}.key",
-            port=free_port(), max_retries=max_retries,
+            port=free_port(), max_retries=max_retries, poll=poll,
         )
         argv = launch.supernode_argv(spec)
         if not ca:  # negative test: no --root-certificates

@@ -42,9 +42,11 @@ def fed(tmp_path_factory):
         credentials.create_supernode_keys(federation.creds, "intruder")
         for site in SITES:
             federation.register(site)
-        for site in SITES:  # hospital-a keeps a warm worker, hospital-b does not
+        for site in SITES:  # hospital-a: a warm worker and a 0.2 s idle poll;
+            # hospital-b: as Flower ships it (a process per message, 3 s poll)
+            fast = site == "hospital-a"
             federation.start_supernode(site, f"npz:{root / (site + '.npz')}",
-                                       worker=site == "hospital-a")
+                                       worker=fast, poll=0.2 if fast else None)
         federation.wait_online(2, timeout=90)
         yield federation
     except Exception:
@@ -100,6 +102,9 @@ def test_real_app_two_rounds_over_tls(fed, tmp_path):
     served = (fed.root / "worker-hospital-a.log").read_text()
     assert served.count("train handled") == 2, served[-2000:]
     assert "query handled" in served
+    # and its SuperNode ran Flower's with the 0.2 s idle poll (deploy/supernode.py)
+    node_log = (fed.root / "supernode-hospital-a.log").read_text()
+    assert "SuperNode idle poll 0.2 s" in node_log, node_log[-2000:]
     # progress where operators look
     shown = fed.flwr("log", str(run_id), "fedkd", "--show", timeout=60)
     assert "round 2/2" in shown.stdout + shown.stderr, shown.stdout[-2000:]

@@ -201,3 +201,56 @@ def test_a_worker_socket_path_too_long_for_unix_is_refused(tmp_path):
     node = la.NodeConfig("a", "br35h", tmp_path, worker_socket=Path("/" + "x" * 120))
     with pytest.raises(la.LaunchError, match="longer than 107"):
         la.validate_node_config(node)
+
+
+def test_cli_supernode_with_a_short_poll_runs_flowers_through_deploy_supernode(
+    creds, tmp_path
+):
+    res = _cli("supernode", "--state", str(tmp_path / "s"), "--superlink", "l:9093",
+               "--ca", str(creds / "ca.crt"), "--key", str(creds / "hospital-a.key"),
+               "--site", "a", "--data-source", "br35h", "--poll", "0.2",
+               "--cache-dir", str(tmp_path / "c"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "-m deploy.supernode --poll 0.2 --superlink l:9093" in res.stdout
+    assert "--auth-supernode-private-key" in res.stdout  # TLS + auth as always
+    bad = _cli("supernode", "--state", str(tmp_path / "s"), "--superlink", "l:9093",
+               "--ca", str(creds / "ca.crt"), "--key", str(creds / "hospital-a.key"),
+               "--site", "a", "--data-source", "br35h", "--poll", "5",
+               "--cache-dir", str(tmp_path / "c"), "--dry-run")
+    assert bad.returncode == 2 and "--poll 5 is outside [0.01, 3]" in bad.stderr
+
+
+def test_the_poll_patch_shortens_only_flowers_idle_sleeps(monkeypatch):
+    import time
+
+    import flwr
+    from flwr.supernode import start_client_internal as internal
+
+    from deploy import supernode
+
+    monkeypatch.setattr(internal, "time", time)  # undone after the test
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert supernode.patch_polls(0.2)
+    internal.time.sleep(3)
+    internal.time.sleep(0.5)
+    internal.time.sleep(1.25)  # not one of the idle polls: unchanged
+    assert slept == [0.2, 0.2, 1.25]
+    assert internal.time.monotonic is time.monotonic  # the rest is `time`
+
+    monkeypatch.setattr(internal, "time", time)
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    assert not supernode.patch_polls(0.2)  # another Flower: left alone
+    assert internal.time is time
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--superlink", "l:9093"], "usage"),
+    (["--poll", "0"], r"outside \[0.01, 3\]"),
+    (["--poll", "x"], "could not convert"),
+])
+def test_deploy_supernode_needs_a_poll_first(argv, match):
+    from deploy.supernode import parse_poll
+
+    with pytest.raises(ValueError, match=match):
+        parse_poll(argv)
