@@ -15,9 +15,9 @@ only their sum. For that each site scales its sums into [-1, 1] by public
 factors: the largest labelled row count (views x the handshake's labelled
 images) and 2^e, e the largest of the sites' `teacher-feature-log2` (a
 power of two above the site's largest feature value: the one extra fact the
-handshake then carries). The sum's error is the quantisation step over that
-range: each value travels as two limbs (common/secure_sum.py), so the sum
-is exact to about (2 / Q)^2 of the scale, float64's own precision.
+handshake then carries). Each value travels as two limbs
+(common/secure_sum.py), so the sum is exact to float64 precision, not only
+to the quantiser's step of 2 / Q of the scale.
 
 Ridge scores are not logits, so the server also scales the head (one factor
 for every site, `ridge.gaussian_logit_scale`, fitted from the same sums): a
