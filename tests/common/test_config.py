@@ -144,6 +144,7 @@ def test_choices_are_read_from_the_field_declarations():
         "train.lr_schedule",
         "privacy.dp_sgd_accountant",
         "calibration.ood",
+        "calibration.temperature_data",
         "run.engine",
         "run.device",
     }
