@@ -50,7 +50,7 @@ from client.site import (
 from common import ood
 from common.config import ExperimentConfig
 from common.errors import MessageError
-from common.secure_sum import SumRequest
+from common.secure_sum import SumRequest, head_sums_secured
 from common.serialization import (
     CALIBRATION_PREFIXES,
     CALIBRATION_RECORD,
@@ -121,9 +121,8 @@ def query(msg: Message, context: Context) -> Message:
         cfg, _, site = _site(msg, context)
         info = site_info(cfg, site)  # the typed contract, sent flat (kebab-case)
         content = RecordDict({"site": ConfigRecord({**info.to_dict()})})
-        # in the clear here; through SecAgg+ later when summed securely
-        in_clear = not cfg.privacy.secure_aggregation
-        if cfg.teacher.head == "closed_form" and uses_teacher(cfg) and in_clear:
+        in_clear = cfg.teacher.head == "closed_form" and not head_sums_secured(cfg)
+        if in_clear and uses_teacher(cfg):  # else through SecAgg+ after this
             with phase("head"):
                 stats = head_stats(site, info.num_classes)
             content[STATS_RECORD] = pack_stats(stats)

@@ -47,7 +47,6 @@ ARRAY_KEYS = "array-keys"  # the global arrays' names, newline-separated
 CLIPPED_METRIC = "secagg_clipped_fraction"
 
 
-
 def secagg_mod(msg: Message, ctxt: Context, call_next) -> Message:
     """Flower's `secaggplus_mod` on SecAgg+ messages; others pass through."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:

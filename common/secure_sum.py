@@ -67,6 +67,13 @@ class SumRequest:
         return cls(str(conf[SECURE_SUM]), keys, scales, levels)
 
 
+def head_sums_secured(cfg) -> bool:
+    """Whether the closed-form teacher head's statistics travel as a secure sum
+    (teacher.head=closed_form with privacy.secure_aggregation) rather than in
+    the handshake, in the clear."""
+    return cfg.teacher.head == "closed_form" and cfg.privacy.secure_aggregation
+
+
 def quantization_levels(secagg_quantization: int, sites: int) -> int:
     """Flower's quantiser levels Q: `privacy.secagg_quantization`, or with 0 the
     finest the workflow's 2^32 modulus allows for `sites` (2^31 / the next

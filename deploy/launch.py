@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.supernode import POLL_RANGE
+from deploy.supernode import check_poll
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +306,10 @@ def supernode_argv(spec: SuperNodeSpec, executable: str | None = None
     if spec.poll is None:
         argv = [executable or flower_executable("flower-supernode")]
     else:
-        lo, hi = POLL_RANGE
-        if not lo <= spec.poll <= hi:
-            raise LaunchError(f"--poll {spec.poll:g} is outside [{lo:g}, {hi:g}] s")
+        try:
+            check_poll(spec.poll)
+        except ValueError as err:
+            raise LaunchError(str(err)) from err
         argv = [executable or sys.executable, "-m", "deploy.supernode",
                 "--poll", f"{spec.poll:g}"]
     argv += ["--superlink", spec.superlink]

@@ -69,17 +69,21 @@ def patch_polls(poll: float) -> bool:
     return True
 
 
+def check_poll(poll: float) -> float:
+    """`poll` if it lies in POLL_RANGE seconds; ValueError naming it if not."""
+    lo, hi = POLL_RANGE
+    if not lo <= poll <= hi:
+        raise ValueError(f"--poll {poll:g} is outside [{lo:g}, {hi:g}] seconds")
+    return poll
+
+
 def parse_poll(argv: Sequence[str]) -> tuple[float, list[str]]:
     """(`--poll` seconds, the rest for flower-supernode); ValueError if bad."""
     args = list(argv)
     if len(args) < 2 or args[0] != "--poll":
         raise ValueError("usage: python -m deploy.supernode --poll S <flower-supernode "
                          "arguments>")
-    poll = float(args[1])
-    lo, hi = POLL_RANGE
-    if not lo <= poll <= hi:
-        raise ValueError(f"--poll {poll:g} is outside [{lo:g}, {hi:g}] seconds")
-    return poll, args[2:]
+    return check_poll(float(args[1])), args[2:]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

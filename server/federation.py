@@ -27,6 +27,7 @@ from common.config import ExperimentConfig
 from common.distill.gate import federation_weight
 from common.errors import MessageError
 from common.models.student import count_params, create_student
+from common.secure_sum import head_sums_secured
 from common.serialization import (
     EVAL_RECEIVED,
     EVAL_RECORD,
@@ -149,14 +150,8 @@ def handshake(
 
 def _closed_form(cfg: ExperimentConfig, info: SiteInfo) -> bool:
     """Whether this site's handshake carries ridge statistics for the head."""
-    in_clear = not cfg.privacy.secure_aggregation
-    return cfg.teacher.head == "closed_form" and info.teacher_used and in_clear
-
-
-def _secure_head(cfg: ExperimentConfig, infos: list[SiteInfo]) -> bool:
-    """Whether the head's statistics are to be summed through SecAgg+."""
-    secure = cfg.privacy.secure_aggregation and cfg.teacher.head == "closed_form"
-    return secure and any(i.teacher_used for i in infos)
+    in_clear = cfg.teacher.head == "closed_form" and not head_sums_secured(cfg)
+    return in_clear and info.teacher_used
 
 
 def check_sites_agree(infos: list[dict[str, Any]]) -> None:
@@ -268,7 +263,8 @@ def run_federation(
     run = _start(grid, cfg, Path(run_dir), infos, names)
     if stats:  # solved from the sites of this (re)start
         run.head = solve_head(cfg, stats, run.classes)
-    elif _secure_head(cfg, infos):  # the same sums, through SecAgg+
+    elif head_sums_secured(cfg) and any(i.teacher_used for i in infos):
+        # the same sums, through SecAgg+
         total = secure_stats(grid, cfg, infos, names)
         run.head = solve_head(cfg, {"secure sum": total}, run.classes)
     if resume:

@@ -9,6 +9,7 @@ from typing import Any
 
 from common.atomic import atomic_write_bytes
 from common.config import ExperimentConfig
+from common.secure_sum import head_sums_secured
 
 RANDOM_BANNER = (
     "WARNING: the teacher was RANDOM-INIT (teacher.weights=random). Its soft targets "
@@ -180,7 +181,7 @@ def _shared(
             "site's), each site's training-image count and train/eval scalar "
             "metrics in the clear"
         )
-    if cfg.teacher.head == "closed_form" and cfg.privacy.secure_aggregation:
+    if head_sums_secured(cfg):
         out["teacher_head_statistics"] = (
             "once, after the handshake, masked by Flower's SecAgg+: the server "
             "unmasks only the sum over sites of the per-class counts, feature "

@@ -185,9 +185,10 @@ def _mean_reply(
 
 def _workflow(
     grid, cfg, rnd: int, sent: list[Message], *, max_weight: float,
-    clipping_range: float,
+    clipping_range: float, levels: int,
 ) -> tuple[_Shim, _RecordingGrid]:
-    """Flower's SecAggPlusWorkflow over `sent`: (shim holding the mean, stages)."""
+    """Flower's SecAggPlusWorkflow over `sent`: (shim holding the mean, stages);
+    `levels` is the quantiser's Q."""
     p, fed = cfg.privacy, cfg.federation
     if len(sent) == 2:
         log.warning(TWO_SITES)
@@ -210,7 +211,7 @@ def _workflow(
         reconstruction_threshold=float(p.secagg_threshold),
         max_weight=float(max_weight),
         clipping_range=float(clipping_range),
-        quantization_range=quantization_levels(p.secagg_quantization, len(sent)),
+        quantization_range=int(levels),
         timeout=fed.round_timeout,
     )(recording, legacy)
     return shim, recording
@@ -228,6 +229,7 @@ def secure_train(
     shim, recording = _workflow(
         grid, cfg, rnd, sent, max_weight=max(max_images, 1),
         clipping_range=cfg.privacy.secagg_clipping_range,
+        levels=quantization_levels(cfg.privacy.secagg_quantization, len(sent)),
     )
     replies = _masked_replies(recording.stages)
     report = RoundReport(sampled=len(sent), received=len(replies))
@@ -270,8 +272,10 @@ def secure_sum(
     if len(sent) < 2:
         raise FedKDError("a secure sum needs 2 or more sites; only "
                          f"{len(sent)} connected")
+    # the sites split their values on the request's grid: the workflow must
+    # quantise with the same Q for the high limbs to pass exactly
     shim, recording = _workflow(grid, cfg, 0, sent, max_weight=1.0,
-                                clipping_range=1.0)
+                                clipping_range=1.0, levels=request.levels)
     replies = _masked_replies(recording.stages)
     missing = _dropped(sent, replies, names)
     if shim.mean is None or len(replies) < 2:

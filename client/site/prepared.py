@@ -24,6 +24,7 @@ from common.data.types import Dataset
 from common.data.views import apply_view, to_student_tensor
 from common.distill.features import cached_features
 from common.models.teacher import FrozenTeacher
+from common.secure_sum import head_sums_secured
 from common.site_info import SiteInfo
 from common.timing import phase
 from common.train import LocalData
@@ -140,13 +141,8 @@ def site_info(cfg: ExperimentConfig, site: PreparedSite) -> SiteInfo:
         teacher_feature_dim=int(teacher.get("feature_dim", 0)),
         deployed=bool(site.deployed),
         class_counts=counts if cfg.privacy.share_class_counts else None,
-        teacher_feature_log2=_feature_log2(site) if _secure_head(cfg) else None,
+        teacher_feature_log2=_feature_log2(site) if head_sums_secured(cfg) else None,
     )
-
-
-def _secure_head(cfg: ExperimentConfig) -> bool:
-    """Whether the closed-form head's statistics are summed through SecAgg+."""
-    return cfg.teacher.head == "closed_form" and cfg.privacy.secure_aggregation
 
 
 def _feature_log2(site: PreparedSite) -> int | None:
